@@ -1,0 +1,35 @@
+# make demo | make test | make test-slow | make bench-paper
+# Each target creates .venv when it is missing and installs the project into it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The torch build this machine installs from its local disk (x86_64, Python 3.11);
+# pyproject.toml itself only asks for torch>=2.3. Override: make test TORCH_PIN=
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test test-slow lint install clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_PIN),$(PY) -m pip install -q $(TORCH_PIN))
+	$(PY) -m pip install -q -e '.[dev,plot]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m convbn bench
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) bench-results build src/*.egg-info

@@ -1,0 +1,96 @@
+"""BatchNorm-like modules: what a producer can absorb.
+
+Recognised: every ``torch.nn.modules.batchnorm._BatchNorm`` (BatchNorm1d/2d/3d,
+SyncBatchNorm, lazy variants) with the stock forward; torchvision's
+``FrozenBatchNorm2d``; any class named ``*FrozenBatchNorm*`` (detectron2, timm)
+with BN's four buffers. :func:`norm_stats` also accepts, for the functional API,
+any module exposing ``running_mean``, ``running_var``, ``eps`` and optional
+``weight``/``bias``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from convbn._blocks.classes import base_class
+
+__all__ = ["NormStats", "is_norm", "norm_problem", "norm_stats", "uses_running_stats"]
+
+_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+
+
+class NormStats(NamedTuple):
+    running_mean: Tensor
+    running_var: Tensor
+    eps: float
+    weight: Tensor | None
+    bias: Tensor | None
+
+
+def _has_stats(module: nn.Module) -> bool:
+    return (
+        isinstance(getattr(module, "running_mean", None), Tensor)
+        and isinstance(getattr(module, "running_var", None), Tensor)
+        and hasattr(module, "eps")
+    )
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """Always normalises with running statistics, whatever ``training`` says."""
+    return not isinstance(module, _BatchNorm) and "FrozenBatchNorm" in base_class(module).__name__
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A module convbn may fold into its producer (model-level discovery)."""
+    return isinstance(module, _BatchNorm) or (is_frozen(module) and _has_stats(module))
+
+
+def norm_problem(module: nn.Module) -> str | None:
+    """Why this norm can never be folded, or None."""
+    if isinstance(module, _BatchNorm):
+        if base_class(module).forward not in _BN_FORWARDS:
+            return f"{base_class(module).__name__} overrides forward(); its computation is unknown"
+        if module.running_mean is None or module.running_var is None:
+            return "BatchNorm without running statistics (track_running_stats=False)"
+    elif not _has_stats(module):
+        return "no running_mean/running_var/eps"
+    return None
+
+
+def uses_running_stats(module: nn.Module) -> bool:
+    """True when the module normalises with its running statistics right now."""
+    if isinstance(module, _BatchNorm):
+        return (
+            not module.training
+            and module.running_mean is not None
+            and module.running_var is not None
+        )
+    if is_frozen(module):
+        return True
+    return not module.training and _has_stats(module)
+
+
+def norm_stats(module: nn.Module) -> NormStats:
+    """The tensors folding needs; a ValueError when the module does not use running statistics."""
+    if not _has_stats(module):
+        raise ValueError(
+            f"{type(module).__name__} has no running statistics "
+            "(running_mean, running_var, eps): it cannot be folded"
+        )
+    if not uses_running_stats(module):
+        raise ValueError(
+            f"{type(module).__name__} is in training mode and normalises with batch "
+            "statistics: Tune mode needs it in eval mode (call .eval() on it)"
+        )
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    return NormStats(
+        module.running_mean,
+        module.running_var,
+        float(module.eps),
+        weight if isinstance(weight, Tensor) else None,
+        bias if isinstance(bias, Tensor) else None,
+    )

@@ -1,0 +1,1 @@
+"""Layer 1: tensor-level folding arithmetic and the Tune-mode autograd function."""

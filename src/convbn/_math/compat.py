@@ -1,0 +1,29 @@
+"""Autocast queries across the supported torch versions (>= 2.3)."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["autocast_enabled", "autocast_dtype"]
+
+try:
+    torch.is_autocast_enabled("cpu")
+    _DEVICE_ARG = True
+except TypeError:  # torch < 2.4: one query per device family
+    _DEVICE_ARG = False
+
+
+def autocast_enabled(device_type: str) -> bool:
+    if _DEVICE_ARG:
+        return torch.is_autocast_enabled(device_type)
+    if device_type == "cpu":
+        return torch.is_autocast_cpu_enabled()
+    return device_type == "cuda" and torch.is_autocast_enabled()
+
+
+def autocast_dtype(device_type: str) -> torch.dtype:
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype()
+    return torch.get_autocast_gpu_dtype()

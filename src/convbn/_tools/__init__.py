@@ -1,0 +1,1 @@
+"""Layer 4: measurement, benchmark, command line (public API only)."""

@@ -1,0 +1,224 @@
+"""convbn.functional on the cases the existing tools get wrong, and on its guarantees:
+errors, memory, autocast, double backward, requested gradients only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from convbn.functional import fold, tune_forward
+from helpers import rel_err, saved_during
+
+
+def _eval_bn(c, cls=nn.BatchNorm2d, seed=0, **kw):
+    bn = cls(c, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=g))
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.2)
+        if getattr(bn, "weight", None) is not None:
+            bn.weight.copy_(torch.randn(c, generator=g))
+            bn.bias.copy_(torch.randn(c, generator=g))
+    return bn.eval()
+
+
+@pytest.mark.parametrize("cin,cout", [(4, 6), (6, 6), (6, 4)])
+def test_conv_transpose_any_channels(cin, cout):
+    # The paper's code crashes for in != out and silently returns None for in == out.
+    convt = nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1).double()
+    bn = _eval_bn(cout).double()
+    x = torch.randn(2, cin, 5, 5, dtype=torch.float64)
+    out = tune_forward(x, convt, bn)
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, bn(convt(x)))
+
+
+def test_conv_transpose_output_size_argument():
+    convt = nn.ConvTranspose2d(3, 4, 3, stride=2).double()
+    bn = _eval_bn(4).double()
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    out = tune_forward(x, convt, bn, output_size=[12, 12])
+    torch.testing.assert_close(out, bn(convt(x, output_size=[12, 12])))
+
+
+def test_grouped_conv_transpose_3d():
+    # PyTorch's Inductor pass crashes on grouped ConvTranspose (reshape ignores groups).
+    convt = nn.ConvTranspose3d(4, 6, 2, stride=2, groups=2).double()
+    bn = _eval_bn(6, nn.BatchNorm3d).double()
+    x = torch.randn(1, 4, 2, 3, 2, dtype=torch.float64)
+    torch.testing.assert_close(tune_forward(x, convt, bn), bn(convt(x)))
+
+
+def test_linear_with_affine_false_batchnorm1d():
+    # torch.nn.utils.fusion.fuse_linear_bn_eval crashes with affine=False.
+    lin = nn.Linear(5, 3).double()
+    bn = _eval_bn(3, nn.BatchNorm1d, affine=False).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(tune_forward(x, lin, bn), bn(lin(x)))
+    w, b = fold(lin, bn)
+    torch.testing.assert_close(nn.functional.linear(x, w, b), bn(lin(x)))
+
+
+def test_frozen_batchnorm_is_recognised():
+    conv = nn.Conv2d(3, 4, 3, bias=False).double()
+    frozen = FrozenBatchNorm2d(4).double()
+    with torch.no_grad():
+        frozen.running_var.uniform_(0.5, 2)
+        frozen.weight.uniform_(-1, 1)
+    frozen.train()  # FrozenBatchNorm2d ignores the flag
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(tune_forward(x, conv, frozen), frozen(conv(x)))
+
+
+def test_training_mode_and_missing_statistics_are_value_errors():
+    conv = nn.Conv2d(3, 4, 3)
+    x = torch.randn(1, 3, 5, 5)
+    with pytest.raises(ValueError, match="training mode"):
+        tune_forward(x, conv, nn.BatchNorm2d(4).train())
+    # The paper's code raises TypeError here.
+    with pytest.raises(ValueError, match="running statistics"):
+        tune_forward(x, conv, nn.BatchNorm2d(4, track_running_stats=False).eval())
+    with pytest.raises(ValueError, match="channels"):
+        tune_forward(x, conv, nn.BatchNorm2d(5).eval())
+    with pytest.raises(ValueError, match="batched input"):
+        tune_forward(torch.randn(3, 5, 5), conv, nn.BatchNorm2d(4).eval())
+    with pytest.raises(ValueError, match="not a supported producer"):
+        tune_forward(x, nn.ReLU(), nn.BatchNorm2d(3).eval())
+
+
+def test_producer_subclass_with_its_own_forward_is_refused():
+    class Odd(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(ValueError, match="overrides forward"):
+        tune_forward(torch.randn(1, 3, 5, 5), Odd(3, 4, 3), nn.BatchNorm2d(4).eval())
+
+
+def _deploy(producer, bn):
+    deployed = copy.deepcopy(producer)
+    with torch.no_grad():
+        w, b = fold(producer, bn)
+    deployed.weight, deployed.bias = nn.Parameter(w), nn.Parameter(b)
+    return deployed
+
+
+def test_input_gradient_only_keeps_nothing_weight_or_feature_sized():
+    # Adversarial example generation: only the input asks for a gradient.
+    conv = nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False)
+    bn = _eval_bn(16).requires_grad_(False)
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    owned = list(conv.parameters()) + list(bn.parameters()) + list(bn.buffers())
+    assert saved_during(lambda: tune_forward(x, conv, bn), owned) == 0
+    deployed = _deploy(conv, bn).requires_grad_(False)
+    assert saved_during(lambda: deployed(x), list(deployed.parameters())) >= x.numel() * 4
+    g = torch.randn(2, 16, 16, 16)
+    got = torch.autograd.grad(tune_forward(x, conv, bn), x, g)[0]
+    want = torch.autograd.grad(bn(conv(x)), x, g)[0]
+    assert rel_err(got, want) < 1e-5
+
+
+def test_never_keeps_the_folded_weight():
+    # The paper's formulation keeps w' (weight-sized) for backward; Tune must not.
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    bn = _eval_bn(64)
+    x = torch.randn(1, 64, 4, 4, requires_grad=True)
+    owned = list(conv.parameters()) + list(bn.parameters()) + list(bn.buffers())
+    tune = saved_during(lambda: tune_forward(x, conv, bn), owned)
+    assert tune == x.numel() * 4  # the input, nothing else
+
+    def paper():
+        w, b = fold(conv, bn)
+        return nn.functional.conv2d(x, w, b, padding=1)
+
+    assert saved_during(paper, owned) >= tune + conv.weight.numel() * 4
+
+
+@pytest.mark.parametrize(
+    "mask", [(1, 0, 0, 0, 0), (0, 1, 0, 0, 0), (0, 0, 1, 1, 0), (1, 0, 0, 0, 1)]
+)
+def test_only_requested_gradients(mask):
+    conv = nn.Conv2d(3, 4, 3).double()
+    bn = _eval_bn(4).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    tensors = [x, conv.weight, conv.bias, bn.weight, bn.bias]
+    for t, m in zip(tensors, mask):
+        t.requires_grad_(bool(m))
+    wanted = [t for t, m in zip(tensors, mask) if m]
+    g = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    got = torch.autograd.grad(tune_forward(x, conv, bn), wanted, g)
+    ref = torch.autograd.grad(bn(conv(x)), wanted, g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "producer,bn,shape",
+    [
+        (nn.Conv2d(2, 3, 3, padding=1, groups=1), nn.BatchNorm2d(3), (2, 2, 4, 4)),
+        (nn.ConvTranspose1d(2, 4, 3, stride=2, groups=2), nn.BatchNorm1d(4), (1, 2, 3)),
+        (nn.Linear(3, 2), nn.BatchNorm1d(2), (3, 3)),
+    ],
+)
+def test_double_backward_is_right(producer, bn, shape):
+    producer = producer.double()
+    bn = _eval_bn(bn.num_features, type(bn)).double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, gamma):
+        return tune_forward(x, producer, bn)
+
+    assert torch.autograd.gradgradcheck(f, (x, producer.weight, bn.weight))
+
+
+def test_autocast_bf16_folds_in_float32():
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    bn = _eval_bn(8)
+    with torch.no_grad():
+        bn.running_var[0] = 5.6e-45
+        bn.running_var[1] = 0.0
+        bn.weight[2] = 1e3
+        bn.weight[3] = 1e-6
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tune_forward(x, conv, bn)
+        ref_amp = bn(conv(x))
+    assert out.dtype == ref_amp.dtype == torch.bfloat16
+    p64, b64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    ref = b64(p64(x.detach().double()))
+    assert torch.isfinite(out).all()
+    # Tune under autocast is at least as close to the float64 truth as Eval under autocast.
+    assert rel_err(out, ref) <= max(2 * rel_err(ref_amp, ref), 1e-2)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
+    assert torch.isfinite(bn.weight.grad).all()
+
+
+def test_no_grad_and_inference_mode():
+    conv, bn = nn.Conv2d(3, 4, 3), _eval_bn(4)
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        a = tune_forward(x, conv, bn)
+    with torch.inference_mode():
+        b = tune_forward(x, conv, bn)
+    assert not a.requires_grad and b.is_inference()
+    torch.testing.assert_close(a, bn(conv(x)).detach())
+    torch.testing.assert_close(b.clone(), a)
+
+
+def test_channels_last():
+    conv = nn.Conv2d(4, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    bn = _eval_bn(8)
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+    out = tune_forward(x, conv, bn)
+    ref = bn(conv(x))
+    assert rel_err(out, ref) < 1e-5
+    g = torch.randn_like(ref)
+    a = torch.autograd.grad(out, [x, conv.weight, bn.weight], g)
+    b = torch.autograd.grad(ref, [x, conv.weight, bn.weight], g)
+    for u, v in zip(a, b):
+        assert rel_err(u, v) < 1e-4
