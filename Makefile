@@ -1,4 +1,4 @@
-# make demo | make test | make test-slow | make bench-paper
+# make demo | make test | make test-slow | make soak
 # Each target creates .venv when it is missing and installs the project into it.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # pyproject.toml itself only asks for torch>=2.3. Override: make test TORCH_PIN=
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow lint install clean
+.PHONY: demo test test-slow soak lint install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: lint
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+soak: install
+	CONVBN_FUZZ_CASES=10000 $(PY) -m pytest -q tests/model/test_fuzz_models.py
 
 clean:
 	rm -rf $(VENV) bench-results build src/*.egg-info

@@ -222,3 +222,25 @@ def test_channels_last():
     b = torch.autograd.grad(ref, [x, conv.weight, bn.weight], g)
     for u, v in zip(a, b):
         assert rel_err(u, v) < 1e-4
+
+
+def test_mixed_precision_pair_folds_in_float32():
+    # Half-precision conv with a float32 BN (the "keep BN in fp32" habit) works as Eval does.
+    conv = nn.Conv2d(3, 4, 3).to(torch.bfloat16)
+    bn = _eval_bn(4)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.bfloat16)
+    out = tune_forward(x, conv, bn)
+    assert out.dtype == torch.bfloat16
+    ref = bn.double()(conv.double()(x.double()))
+    assert rel_err(out, ref) < 2e-2
+
+
+def test_nan_and_negative_variance_behave_as_eval():
+    conv, bn = nn.Conv2d(3, 4, 1).double(), _eval_bn(4).double()
+    with torch.no_grad():
+        bn.running_var[0] = -1.0
+        bn.running_var[1] = float("nan")
+    x = torch.randn(1, 3, 2, 2, dtype=torch.float64)
+    out, ref = tune_forward(x, conv, bn), bn(conv(x))
+    assert torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out[:, 2:], ref[:, 2:])

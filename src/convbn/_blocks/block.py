@@ -16,7 +16,18 @@ from convbn._blocks.producers import (
 from convbn._math.folding import fold_tensors
 from convbn._math.tune_autograd import tune_apply
 
-__all__ = ["check_pair", "fold_pair", "tune_pair"]
+__all__ = ["check_pair", "device_problem", "fold_pair", "tune_pair"]
+
+
+def device_problem(producer: nn.Module, bn: nn.Module) -> str | None:
+    """Why the pair cannot run together: tensors on different devices (as Eval would fail)."""
+    device = producer.weight.device
+    if bn.running_var.device != device:
+        return (
+            f"{type(producer).__name__} is on {device} but {type(bn).__name__} is on "
+            f"{bn.running_var.device}"
+        )
+    return None
 
 
 def check_pair(producer: nn.Module, bn: nn.Module) -> None:
@@ -30,6 +41,9 @@ def check_pair(producer: nn.Module, bn: nn.Module) -> None:
     if problem is not None:
         raise ValueError(problem)
     stats = norm_stats(bn)
+    problem = device_problem(producer, bn)
+    if problem is not None:
+        raise ValueError(problem)
     channels = out_channels(producer)
     if stats.running_mean.numel() != channels:
         raise ValueError(

@@ -27,6 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from convbn._blocks.block import device_problem
 from convbn._blocks.norms import is_norm, norm_problem
 from convbn._blocks.producers import input_rank, is_producer, out_channels, producer_problem
 
@@ -56,7 +57,7 @@ class Analysis:
 
 def _static_problem(model: nn.Module, producer: str, bn: str) -> str | None:
     p, b = model.get_submodule(producer), model.get_submodule(bn)
-    problem = producer_problem(p) or norm_problem(b)
+    problem = producer_problem(p) or norm_problem(b) or device_problem(p, b)
     if problem:
         return problem
     if b.running_mean.numel() != out_channels(p):
