@@ -300,3 +300,25 @@ def test_a_changed_dataflow_is_an_error_not_a_wrong_result():
     out = model(x)
     convbn.restore(model)
     torch.testing.assert_close(out, model(x))
+
+
+class CachesOnFirstCall(nn.Module):
+    """Like torchvision's MultiScaleRoIAlign: stores a value computed from its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.size = None
+
+    def forward(self, x):
+        if self.size is None:
+            self.size = x.shape[-1]
+        return self.bn(self.conv(x))[..., : self.size]
+
+
+def test_tracing_leaves_no_proxy_behind():
+    model = convbn.tune(_prep(CachesOnFirstCall()))
+    assert model.size is None
+    report = _check_equal(model, torch.randn(1, 3, 4, 4))
+    assert report.converted == [("conv", "bn")]

@@ -207,7 +207,31 @@ def _mode(model: nn.Module, training: bool):
             m.training = flag
 
 
+@contextlib.contextmanager
+def _untouched(module: nn.Module):
+    """Undo what tracing writes into modules: forwards that cache values on ``self``
+    (torchvision's MultiScaleRoIAlign caches its scales on first call) would otherwise
+    keep torch.fx Proxies and fail at the next real call."""
+    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, state in saved:
+            for key in [k for k in m.__dict__ if k not in state]:
+                del m.__dict__[key]
+            for key, value in state.items():
+                if m.__dict__.get(key) is not value:
+                    m.__dict__[key] = value
+
+
 def _analyse_fx(
+    model: nn.Module, prefix: str, module: nn.Module, sites: _Sites, untraced: dict
+) -> None:
+    with _untouched(module):
+        _analyse_fx_inner(model, prefix, module, sites, untraced)
+
+
+def _analyse_fx_inner(
     model: nn.Module, prefix: str, module: nn.Module, sites: _Sites, untraced: dict
 ) -> None:
     try:
@@ -226,7 +250,7 @@ def _analyse_fx(
                     f"{type(module).__name__}.forward is not traceable by torch.fx ({kind})"
                 )
             else:
-                _analyse_fx(model, child_name, child, sites, untraced)
+                _analyse_fx_inner(model, child_name, child, sites, untraced)
         return
     for training in (True, False):
         with _mode(module, training):
