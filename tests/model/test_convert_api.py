@@ -256,11 +256,3 @@ def test_ddp_after_conversion(resnet, tmp_path):
         _assert_same((out.detach(), [p.grad for p in ddp.module.parameters()]), reference)
     finally:
         dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_torch_compile(resnet):
-    reference = _out_and_grads(copy.deepcopy(resnet))
-    model = convbn.tune(resnet)
-    compiled = torch.compile(model)
-    _assert_same(_out_and_grads(compiled), reference)
