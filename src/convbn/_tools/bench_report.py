@@ -1,0 +1,400 @@
+"""Benchmark records: aggregation over rounds, equivalence with Eval, ratios, and the
+outputs (results.json, results.csv, bench.png, the printed table and summary)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from convbn._tools.bench_modes import GRADS_DIFFER
+
+__all__ = [
+    "Record",
+    "aggregate",
+    "rel_err",
+    "compare_with_eval",
+    "add_ratios",
+    "machine_info",
+    "write_results",
+    "format_table",
+    "format_summary",
+    "plot",
+]
+
+MIB = 2**20
+# Targets of issue 4 (Tune against Deploy and Eval); the measured figures are compared
+# with these, never assumed.
+TARGET_SAVED_VS_DEPLOY = 1.005
+TARGET_STEP_VS_EVAL = 0.92
+TARGET_STEP_VS_EVAL_MODEL = "resnet50"
+TARGET_STEP_VS_DEPLOY = 1.05
+
+
+@dataclass
+class Record:
+    """One (model, mode): its measurements and how they compare with Eval in the same run.
+
+    ``saved_bytes``: bytes autograd keeps for backward in one step (parameters and buffers
+    left out), first round. ``peak_bytes``: peak memory above the baseline, median over
+    rounds. ``step_s``: median over rounds of each round's median step time.
+    ``out_rel_err`` / ``grad_rel_err``: ``max|a - b| / max|b|`` against Eval (gradients:
+    the worst parameter tensor), None when meaningless (``train``, Deploy's gradients)
+    or not measured; ``error`` says why a run failed.
+    """
+
+    model: str
+    mode: str
+    batch: int
+    size: int
+    dtype: str
+    device: str
+    frames: int | None = None
+    channels_last: bool = False
+    compiled: bool = False
+    pairs: int | None = None
+    saved_bytes: int | None = None
+    peak_bytes: int | None = None
+    step_s: float | None = None
+    step_s_rounds: list[float] = field(default_factory=list)
+    first_step_s: float | None = None
+    out_rel_err: float | None = None
+    grad_rel_err: float | None = None
+    grad_params: str | None = None
+    saved_vs_eval: float | None = None
+    peak_vs_eval: float | None = None
+    step_vs_eval: float | None = None
+    error: str | None = None
+    note: str = ""
+
+
+def aggregate(record: Record, results: list[dict[str, Any]]) -> Record:
+    """Fill ``record`` from the worker results of its rounds (round 1 first).
+
+    A failed round sets ``error`` (the first failure); the successful rounds' figures stay.
+    """
+    ok = [r for r in results if not r.get("error")]
+    failed = [r for r in results if r.get("error")]
+    if failed:
+        record.error = failed[0]["error"]
+    if results and results[0].get("check_error"):
+        record.note = _join(record.note, f"check failed: {results[0]['check_error']}")
+    if not ok:
+        return record
+    first = ok[0]
+    record.pairs = first.get("pairs")
+    record.saved_bytes = first.get("saved_bytes")
+    record.first_step_s = first.get("first_step_s")
+    record.note = _join(record.note, first.get("note", ""))
+    peaks = [r["peak_bytes"] for r in ok if r.get("peak_bytes") is not None]
+    record.peak_bytes = int(statistics.median(peaks)) if peaks else None
+    record.step_s_rounds = [r["step_s"] for r in ok if r.get("step_s") is not None]
+    record.step_s = statistics.median(record.step_s_rounds) if record.step_s_rounds else None
+    return record
+
+
+def _join(a: str, b: str) -> str:
+    return "; ".join(x for x in (a, b) if x)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max|a - ref| / max|ref|`` in float64 (``max|a - ref|`` when ``ref`` is all zero);
+    ``inf`` when the shapes differ or ``a`` is not finite."""
+    if a.shape != ref.shape:
+        return math.inf
+    a, ref = a.double(), ref.double()
+    if a.numel() == 0:
+        return 0.0
+    diff = (a - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    if math.isnan(diff):
+        return math.inf
+    return diff / scale if scale > 0 else diff
+
+
+def compare_with_eval(records: list[Record], checks: dict[str, Path]) -> None:
+    """Set ``out_rel_err``/``grad_rel_err`` of one model's records from the check files
+    (mode -> path) its workers wrote; Eval's is the reference."""
+    eval_path = checks.get("eval")
+    if eval_path is None or not eval_path.exists():
+        return
+    ref = torch.load(eval_path, weights_only=True)
+    for record in records:
+        path = checks.get(record.mode)
+        if record.mode in ("eval", "train") or path is None or not path.exists():
+            if record.mode == "train":
+                record.note = _join(record.note, "train: no equivalence (batch statistics)")
+            continue
+        got = torch.load(path, weights_only=True)
+        record.out_rel_err = rel_err(got["out"], ref["out"])
+        if record.mode in GRADS_DIFFER:
+            record.note = _join(record.note, f"grads not compared: {GRADS_DIFFER[record.mode]}")
+            continue
+        common = [n for n in ref["grads"] if n in got["grads"]]
+        record.grad_params = f"{len(common)}/{len(ref['grads'])}"
+        if common:
+            record.grad_rel_err = max(rel_err(got["grads"][n], ref["grads"][n]) for n in common)
+
+
+def add_ratios(records: list[Record]) -> None:
+    """``*_vs_eval`` for each record from the Eval record of the same model in this run."""
+    evals = {r.model: r for r in records if r.mode == "eval" and not r.error}
+    for r in records:
+        e = evals.get(r.model)
+        if e is None:
+            continue
+        r.saved_vs_eval = _ratio(r.saved_bytes, e.saved_bytes)
+        r.peak_vs_eval = _ratio(r.peak_bytes, e.peak_bytes)
+        r.step_vs_eval = _ratio(r.step_s, e.step_s)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def machine_info(device: str, threads: int | None = None) -> dict[str, Any]:
+    """Versions, threads, CPU model, GPU name and load: what the figures depend on."""
+    import convbn
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        cpu = platform.processor()
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "convbn": convbn.__version__,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads or torch.get_num_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+    }
+    try:
+        with open("/proc/loadavg") as f:
+            info["loadavg_start"] = " ".join(f.read().split()[:3])
+    except OSError:
+        pass
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else "inf"
+    return value
+
+
+def write_results(out: Path, machine: dict[str, Any], records: list[Record], argv: list[str]):
+    """``results.json`` and ``results.csv`` under ``out`` (created)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{k: _json_value(v) for k, v in asdict(r).items()} for r in records]
+    payload = {"machine": machine, "command": ["convbn", "bench", *argv], "records": rows}
+    (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    names = [f.name for f in fields(Record)]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        for row in rows:
+            row = dict(row)
+            row["step_s_rounds"] = ";".join(f"{x:.4f}" for x in row["step_s_rounds"])
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / MIB:.1f}"
+
+
+def format_table(records: list[Record]) -> str:
+    """A fixed-width table: one line per record, errors in the last column."""
+    header = (
+        "model",
+        "mode",
+        "pairs",
+        "saved MiB",
+        "peak MiB",
+        "step s",
+        "saved/eval",
+        "peak/eval",
+        "step/eval",
+        "out err",
+        "grad err",
+        "error",
+    )
+    rows = []
+    for r in records:
+        mode = r.mode + (
+            " (compiled)" if r.compiled and r.mode not in ("inductor", "compiled-tune") else ""
+        )
+        rows.append(
+            (
+                r.model,
+                mode,
+                "-" if r.pairs is None else str(r.pairs),
+                _mib(r.saved_bytes),
+                _mib(r.peak_bytes),
+                _fmt(r.step_s, ".3f"),
+                _fmt(r.saved_vs_eval, ".3f"),
+                _fmt(r.peak_vs_eval, ".3f"),
+                _fmt(r.step_vs_eval, ".3f"),
+                "ref" if r.mode == "eval" and not r.error else _fmt(r.out_rel_err, ".1e"),
+                "ref" if r.mode == "eval" and not r.error else _fmt(r.grad_rel_err, ".1e"),
+                r.error or "",
+            )
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    numeric = set(range(2, 11))
+
+    def line(cells) -> str:
+        parts = [
+            c.rjust(widths[i]) if i in numeric else c.ljust(widths[i]) for i, c in enumerate(cells)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(row) for row in rows])
+
+
+def _verdict(value: float, target: float) -> str:
+    return f"target <= {target}: {'met' if value <= target else 'MISSED'}"
+
+
+def format_summary(records: list[Record]) -> str:
+    """Tune against Deploy, tune-paper, inductor and Eval, per model, with the targets."""
+    lines = []
+    by_model: dict[str, dict[str, Record]] = {}
+    for r in records:
+        if not r.error:
+            by_model.setdefault(r.model, {})[r.mode] = r
+    for model, modes in by_model.items():
+        tune = modes.get("tune")
+        if tune is None:
+            continue
+        parts = []
+        deploy, eval_ = modes.get("deploy"), modes.get("eval")
+        saved = _ratio(tune.saved_bytes, deploy.saved_bytes) if deploy else None
+        if saved is not None:
+            parts.append(
+                f"saved tune/deploy {saved:.3f} ({_verdict(saved, TARGET_SAVED_VS_DEPLOY)})"
+            )
+        for other in ("eval", "tune-paper", "inductor", "compiled-tune"):
+            ratio = _ratio(tune.saved_bytes, modes[other].saved_bytes) if other in modes else None
+            if ratio is not None:
+                parts.append(f"saved tune/{other} {ratio:.3f}")
+        step = _ratio(tune.step_s, eval_.step_s) if eval_ else None
+        if step is not None:
+            verdict = (
+                _verdict(step, TARGET_STEP_VS_EVAL)
+                if model == TARGET_STEP_VS_EVAL_MODEL
+                else f"the {TARGET_STEP_VS_EVAL} target is set for {TARGET_STEP_VS_EVAL_MODEL}"
+            )
+            parts.append(f"step tune/eval {step:.3f} ({verdict})")
+        step = _ratio(tune.step_s, deploy.step_s) if deploy else None
+        if step is not None:
+            parts.append(f"step tune/deploy {step:.3f} ({_verdict(step, TARGET_STEP_VS_DEPLOY)})")
+        for other in ("tune-paper", "inductor"):
+            ratio = _ratio(tune.step_s, modes[other].step_s) if other in modes else None
+            if ratio is not None:
+                parts.append(f"step tune/{other} {ratio:.3f}")
+        if parts:
+            lines.append(f"{model}:")
+            lines += [f"  {p}" for p in parts]
+    failed = [r for r in records if r.error and not r.error.startswith("unavailable")]
+    if failed:
+        lines.append(
+            f"{len(failed)} run(s) failed: " + ", ".join(f"{r.model}/{r.mode}" for r in failed)
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot(records: list[Record], path: Path, title: str) -> bool:
+    """Bar charts of saved bytes, peak memory and step time per mode, per model (ratios to
+    Eval when every model has an Eval record, absolute otherwise). False, with nothing
+    written, when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in records if not r.error]
+    models = list(dict.fromkeys(r.model for r in ok))
+    modes = list(dict.fromkeys(r.mode for r in ok))
+    relative = bool(models) and all(
+        any(r.model == m and r.mode == "eval" for r in ok) for m in models
+    )
+    panels = (
+        ("saved_vs_eval", "saved_bytes", "saved for backward", MIB, "MiB"),
+        ("peak_vs_eval", "peak_bytes", "peak memory", MIB, "MiB"),
+        ("step_vs_eval", "step_s", "step time", 1, "s"),
+    )
+    width = max(6.0, 0.55 * len(models) * max(1, len(modes)) / 3 + 2)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(min(width, 24), 8.5), squeeze=False)
+    bar = 0.8 / max(1, len(modes))
+    for ax, (ratio_key, abs_key, label, unit, unit_name) in zip(axes[:, 0], panels):
+        for j, mode in enumerate(modes):
+            xs, ys = [], []
+            for i, model in enumerate(models):
+                rec = next((r for r in ok if r.model == model and r.mode == mode), None)
+                value = None
+                if rec is not None:
+                    value = getattr(rec, ratio_key) if relative else getattr(rec, abs_key)
+                    if value is not None and not relative:
+                        value = value / unit
+                if value is not None:
+                    xs.append(i + (j - (len(modes) - 1) / 2) * bar)
+                    ys.append(value)
+            ax.bar(xs, ys, width=bar, label=mode)
+        ax.set_ylabel(f"{label} / eval" if relative else f"{label} ({unit_name})")
+        if relative:
+            ax.axhline(1.0, color="black", linewidth=0.6)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models, rotation=30 if len(models) > 4 else 0, ha="right", fontsize=8)
+    axes[0, 0].legend(ncol=len(modes), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True

@@ -1,0 +1,297 @@
+"""One benchmark run: one model in one mode, in a process of its own.
+
+``python -m convbn._tools.bench_worker SPEC.json`` reads a :class:`WorkerSpec` (as JSON),
+and always writes a JSON result to ``spec.result_path`` (``error`` set when something
+failed), unless the process itself dies.
+
+In order:
+
+1. build the model (seeded), its inputs, put it in the mode; snapshot its tensors;
+2. read the memory baseline, reset the peak;
+3. ``warmup`` untimed then ``steps`` timed training steps (forward, backward, SGD
+   with momentum), each step's wall time; the peak memory over them;
+4. when ``check_path`` is set: put the snapshot back, and run one forward + backward
+   on the check input that counts the bytes autograd saves (``saved_bytes``) and
+   writes the output and the parameter gradients (named as in the Eval model) for
+   the parent's equivalence check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["WorkerSpec", "run", "main"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LR = 1e-4
+MOMENTUM = 0.9
+
+
+@dataclass
+class WorkerSpec:
+    model: str
+    mode: str
+    batch: int
+    size: int | None
+    result_path: str
+    check_path: str | None = None
+    dtype: str = "fp32"
+    device: str = "cpu"
+    channels_last: bool = False
+    compile: bool = False
+    warmup: int = 1
+    steps: int = 2
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass
+class WorkerResult:
+    error: str | None = None
+    step_times: list[float] = field(default_factory=list)
+    step_s: float | None = None
+    first_step_s: float | None = None
+    peak_bytes: int | None = None
+    peak_method: str = ""
+    saved_bytes: int | None = None
+    check_error: str | None = None
+    pairs: int | None = None
+    threads: int = 0
+    note: str = ""
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss(reset_worked: bool) -> int:
+    if reset_worked:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    from convbn._tools.measure import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
+class _PeakMemory:
+    """Peak memory above a baseline taken at construction.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated at the baseline.
+    CPU: peak RSS minus RSS at the baseline; the peak mark is reset at the baseline
+    when the kernel allows it (``/proc/self/clear_refs``), otherwise the process's
+    lifetime ``ru_maxrss`` is used (which can only overstate).
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            self.base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.method = "cuda max_memory_allocated"
+        else:
+            self.reset = _reset_peak_rss()
+            self.base = _current_rss()
+            self.method = "VmHWM after reset" if self.reset else "ru_maxrss (lifetime)"
+        self.device = device
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return _peak_rss(self.reset) - self.base
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _to_device(value: Any, device: torch.device, memory_format: torch.memory_format | None):
+    if isinstance(value, Tensor):
+        value = value.to(device)
+        if memory_format is not None and value.dim() in (4, 5):
+            value = value.contiguous(memory_format=memory_format)
+        return value
+    if isinstance(value, dict):
+        return {k: _to_device(v, device, None) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device, memory_format) for v in value)
+    return value
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(spec: WorkerSpec) -> WorkerResult:
+    """Do the run described by ``spec``; exceptions propagate (``main`` records them)."""
+    from convbn._tools.bench_models import Loss, build_model, make_batch, resolve
+    from convbn._tools.bench_modes import apply_mode
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    result = WorkerResult(threads=torch.get_num_threads())
+    device = torch.device(spec.device)
+    info = resolve(spec.model, spec.size)
+    result.note = info.note
+    model = build_model(info, spec.seed)
+    args, returns_losses = make_batch(info, spec.batch, spec.seed)
+    memory_format = None
+    if spec.channels_last:
+        memory_format = torch.channels_last_3d if info.kind == "video" else torch.channels_last
+    model = model.to(device)
+    if memory_format is not None:
+        model = model.to(memory_format=memory_format)
+    args = _to_device(args, device, memory_format)
+    loss_fn = Loss(returns_losses, spec.seed)
+
+    # Parameter names of the Eval model, for the gradients of the equivalence check.
+    eval_params = {id(p): (name, p) for name, p in model.named_parameters()}
+    prepared = apply_mode(model, spec.mode, spec.compile)
+    result.pairs = prepared.pairs
+    grad_names = {
+        id(p): eval_params[id(p)][0]
+        for p in prepared.model.parameters()
+        if id(p) in eval_params and eval_params[id(p)][1] is p
+    }
+    del eval_params
+    module = prepared.module
+    params = [p for p in prepared.model.parameters() if p.requires_grad]
+    snapshot = []
+    if spec.check_path:
+        snapshot = [
+            (t, t.detach().clone())
+            for t in list(prepared.model.parameters()) + list(prepared.model.buffers())
+        ]
+    autocast = torch.autocast(device.type, dtype=DTYPES[spec.dtype], enabled=spec.dtype != "fp32")
+
+    def forward() -> Any:
+        with autocast:
+            return module(*args)
+
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+    memory = _PeakMemory(device)
+    result.peak_method = memory.method
+    for i in range(spec.warmup + spec.steps):
+        _sync(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(forward())
+        loss.backward()
+        optimizer.step()
+        del loss
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if i == 0:
+            result.first_step_s = elapsed
+        if i >= spec.warmup:
+            result.step_times.append(elapsed)
+    result.peak_bytes = memory.peak()
+    if result.step_times:
+        result.step_s = statistics.median(result.step_times)
+    del optimizer
+
+    if spec.check_path:
+        try:
+            result.saved_bytes = _check(
+                spec, prepared, snapshot, params, grad_names, forward, loss_fn
+            )
+        except Exception as e:
+            # The timings stand; only the check is lost.
+            traceback.print_exc()
+            result.check_error = _describe(e)
+    return result
+
+
+def _check(spec, prepared, snapshot, params, grad_names, forward, loss_fn) -> int:
+    """Saved bytes of one step from the initial weights; writes output and gradients."""
+    from convbn._tools.bench_models import flat_output
+    from convbn._tools.measure import count_saved
+
+    with torch.no_grad():
+        for t, saved in snapshot:
+            t.copy_(saved)
+    snapshot.clear()
+    for p in params:
+        p.grad = None
+    counter = count_saved(prepared.model)
+    torch.manual_seed(spec.seed + 4)  # dropout masks, detection samplers
+    with _no_tf32(), counter.count():
+        out = forward()
+        loss = loss_fn(out)
+    with _no_tf32():
+        loss.backward()
+    grads = {
+        grad_names[id(p)]: p.grad.detach().float().cpu()
+        for p in prepared.model.parameters()
+        if id(p) in grad_names and p.grad is not None
+    }
+    torch.save({"out": flat_output(out), "grads": grads}, spec.check_path)
+    return counter.total
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """TF32 off: on CUDA, cuDNN and cuBLAS round fp32 inputs to 10-bit mantissas by
+    default, which alone moves gradients by 1e-1 relative between two algorithms: the
+    equivalence check compares the modes' arithmetic, not TF32's."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _describe(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m convbn._tools.bench_worker SPEC.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        spec = WorkerSpec(**json.load(f))
+    try:
+        result = run(spec)
+    except Exception as e:
+        traceback.print_exc()
+        result = WorkerResult(error=_describe(e))
+    with open(spec.result_path, "w") as f:
+        json.dump(asdict(result), f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""`convbn bench`: the command line end to end, on tiny models (timings never asserted)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from convbn._tools import bench
+from convbn._tools.bench_models import PAPER_ZOO, ModelInfo, build_model, resolve
+from convbn._tools.bench_modes import MODES, FrozenScaleShift, PaperTuneProducer, apply_mode
+from convbn._tools.bench_report import Record, aggregate, format_table, rel_err
+
+# A user's model module, written to a folder on the workers' PYTHONPATH: `tiny` has a
+# Conv2d->BN2d pair, a Conv2d->BN2d pair with stride, and a Linear->BN1d pair;
+# `broken` raises, as a user's factory might.
+USER_MODULE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    def tiny():
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(16, 10), nn.BatchNorm1d(10),
+        )
+
+
+    def broken():
+        raise RuntimeError("this factory is broken on purpose")
+    """
+)
+MODES_RUN = "eval,tune,deploy,train,tune-paper,frozenbn,mmengine"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env(path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(path), str(ROOT / "src"), env.get("PYTHONPATH", "")]
+    ).rstrip(os.pathsep)
+    return env
+
+
+def _cli(args: list[str], path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "convbn", "bench", *args],
+        cwd=path,
+        env=_env(path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def user_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("user")
+    (path / "benchmod.py").write_text(USER_MODULE)
+    return path
+
+
+def _small_run(path: Path, models: str, modes: str, out: Path) -> subprocess.CompletedProcess:
+    return _cli(
+        [
+            "--models", models, "--batch", "2", "--size", "32", "--rounds", "1", "--steps", "1",
+            "--warmup", "0", "--threads", "1", "--jobs", "2", "--modes", modes, "--out", str(out),
+        ],
+        path,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(user_dir) -> tuple[subprocess.CompletedProcess, Path]:
+    """resnet18 in every mode that runs without compiling."""
+    out = user_dir / "results"
+    return _small_run(user_dir, "resnet18", MODES_RUN, out), out
+
+
+@pytest.fixture(scope="module")
+def user_run(user_dir) -> tuple[subprocess.CompletedProcess, Path]:
+    """The user's tiny model and the broken one, loaded as package.module:callable."""
+    out = user_dir / "user-results"
+    return _small_run(user_dir, "benchmod:tiny,benchmod:broken", "eval,tune", out), out
+
+
+def _records(out: Path) -> dict[tuple[str, str], dict]:
+    data = json.loads((out / "results.json").read_text())
+    return {(r["model"], r["mode"]): r for r in data["records"]}
+
+
+def test_results_structure(run):
+    proc, out = run
+    data = json.loads((out / "results.json").read_text())
+    assert {"torch", "cpu", "torch_threads", "python"} <= set(data["machine"])
+    records = data["records"]
+    assert len(records) == len(MODES_RUN.split(","))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    required = {
+        "model", "mode", "batch", "size", "dtype", "device", "saved_bytes", "peak_bytes",
+        "step_s", "out_rel_err", "grad_rel_err", "saved_vs_eval", "step_vs_eval", "error",
+    }  # fmt: skip
+    for r in records:
+        assert required <= set(r)
+        assert (r["batch"], r["size"], r["dtype"], r["device"]) == (2, 32, "fp32", "cpu")
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["mode"]) for r in rows] == [(r["model"], r["mode"]) for r in records]
+    assert required <= set(rows[0])
+    # The table and the summary are printed; the targets are reported, not assumed.
+    assert "saved MiB" in proc.stdout and "tune/deploy" in proc.stdout
+
+
+def test_tune_memory_and_equivalence(run):
+    _, out = run
+    model = "resnet18"
+    recs = _records(out)
+    ok = {mode: recs[(model, mode)] for mode in MODES_RUN.split(",") if mode != "mmengine"}
+    for mode, r in ok.items():
+        assert r["error"] is None, (mode, r["error"])
+        assert r["saved_bytes"] > 0 and r["step_s"] > 0 and r["peak_bytes"] is not None
+    tune = ok["tune"]["saved_bytes"]
+    assert tune <= 1.005 * ok["deploy"]["saved_bytes"]
+    assert tune < ok["tune-paper"]["saved_bytes"]
+    assert tune < ok["eval"]["saved_bytes"]
+    assert ok["tune"]["pairs"] == ok["tune-paper"]["pairs"] == ok["deploy"]["pairs"] > 0
+    for mode in ("tune", "deploy", "tune-paper", "frozenbn"):
+        assert ok[mode]["out_rel_err"] < 1e-4, mode
+    for mode in ("tune", "tune-paper", "frozenbn"):
+        assert ok[mode]["grad_rel_err"] < 1e-3, mode
+    assert ok["deploy"]["grad_rel_err"] is None  # fused parameters mean something else
+    assert ok["train"]["out_rel_err"] is None and ok["train"]["grad_rel_err"] is None
+    assert ok["eval"]["saved_vs_eval"] == 1.0
+    assert math.isclose(ok["tune"]["saved_vs_eval"], tune / ok["eval"]["saved_bytes"])
+
+
+def test_user_callable_and_failure(user_run):
+    proc, out = user_run
+    assert proc.returncode == 1  # some run failed, results still written
+    recs = _records(out)
+    assert set(recs) == {
+        (m, mode) for m in ("benchmod:tiny", "benchmod:broken") for mode in ("eval", "tune")
+    }
+    for mode in ("eval", "tune"):
+        assert "broken on purpose" in recs[("benchmod:broken", mode)]["error"]
+    assert "broken on purpose" in proc.stdout
+    # The tiny model (Conv2d->BN2d twice, Linear->BN1d) ran in both modes all the same.
+    eval_, tune = recs[("benchmod:tiny", "eval")], recs[("benchmod:tiny", "tune")]
+    assert eval_["error"] is None and tune["error"] is None
+    assert tune["pairs"] == 3
+    assert tune["saved_bytes"] < eval_["saved_bytes"]
+    assert tune["out_rel_err"] < 1e-5 and tune["grad_rel_err"] < 1e-4
+
+
+def test_unavailable_mode_is_reported(run):
+    _, out = run
+    r = _records(out)[("resnet18", "mmengine")]
+    if importlib.util.find_spec("mmengine") is None:
+        assert r["error"] == "unavailable: mmengine is not installed"
+
+
+def test_plot_written(run):
+    _, out = run
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib not installed")
+    assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_unknown_mode_exits_nonzero(tmp_path):
+    proc = _cli(["--modes", "eval,bogus"], tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown mode" in proc.stderr and "bogus" in proc.stderr
+    assert not (tmp_path / "bench-results").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--models", "resnet18,not_a_model"], "unknown model 'not_a_model'"),
+        (["--models", "keypointrcnn_resnet50_fpn"], "only"),
+        (["--models", "no_such_module_xyz:f"], "cannot import"),
+        (["--dtype", "fp8"], "unknown dtype"),
+        (["--device", "tpu"], "unknown device"),
+    ],
+)
+def test_usage_errors(tmp_path, capsys, args, message):
+    assert bench.main([*args, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_timm_needs_timm(tmp_path, capsys):
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed")
+    assert bench.main(["--models", "timm:resnet18", "--out", str(tmp_path)]) == 2
+    assert "timm is not installed" in capsys.readouterr().err
+
+
+def test_paper_zoo_plan():
+    plan = bench.make_plan(bench.parse_args(["--zoo", "paper"]))
+    kinds = {m.name: m.kind for m in plan.models}
+    assert [m.name for m in plan.models] == list(PAPER_ZOO)
+    assert sum(k == "classification" for k in kinds.values()) >= 12
+    assert {n for n, k in kinds.items() if k == "detection"} == {
+        "fasterrcnn_resnet50_fpn",
+        "retinanet_resnet50_fpn",
+        "maskrcnn_resnet50_fpn",
+    }
+    by_name = {m.name: m for m in plan.models}
+    assert by_name["r3d_18"].kind == "video" and by_name["r3d_18"].size == 112
+    assert by_name["inception_v3"].size == 299
+    assert resolve("inception_v3", 32).size == 299 and resolve("inception_v3", 128).size == 128
+    assert plan.modes == ["train", "eval", "tune", "deploy"]
+
+
+def test_paper_tune_keeps_parameters_and_matches_eval():
+    info = ModelInfo("resnet18", "classification", 32)
+    model = build_model(info)
+    before = {id(p) for p in model.parameters()}
+    ref = build_model(info)
+    prepared = apply_mode(model, "tune-paper")
+    apply_mode(ref, "eval")
+    assert {id(p) for p in model.parameters()} == before
+    assert sum(isinstance(m, PaperTuneProducer) for m in model.modules()) == prepared.pairs == 20
+    x = torch.randn(2, 3, 32, 32)
+    assert rel_err(model(x), ref(x)) < 1e-5
+
+
+def test_frozenbn_any_rank():
+    model = torch.nn.Sequential(
+        torch.nn.Conv3d(2, 4, 1), torch.nn.BatchNorm3d(4), torch.nn.Flatten(2),
+        torch.nn.BatchNorm1d(4),
+    )  # fmt: skip
+    apply_mode(model, "frozenbn")
+    assert sum(isinstance(m, FrozenScaleShift) for m in model.modules()) == 2
+    assert not any(
+        p.requires_grad
+        for m in model.modules()
+        if isinstance(m, FrozenScaleShift)
+        for p in m.parameters()
+    )
+    assert model(torch.randn(2, 2, 3, 3, 3)).shape == (2, 4, 27)
+
+
+def test_aggregate_and_table():
+    record = Record("m", "tune", 1, 32, "fp32", "cpu")
+    aggregate(
+        record,
+        [
+            {"saved_bytes": 10, "peak_bytes": 5, "step_s": 3.0, "pairs": 2},
+            {"step_s": 1.0, "peak_bytes": 7},
+            {"error": "RuntimeError: boom"},
+        ],
+    )
+    assert (record.saved_bytes, record.step_s, record.peak_bytes) == (10, 2.0, 6)
+    assert record.error == "RuntimeError: boom"
+    assert "RuntimeError: boom" in format_table([record])
+    assert rel_err(torch.ones(3), torch.ones(4)) == math.inf
+
+
+@pytest.mark.slow
+def test_compiled_modes(user_dir):
+    out = user_dir / "compiled"
+    proc = _cli(
+        [
+            "--models", "benchmod:tiny", "--batch", "2", "--size", "16", "--rounds", "1",
+            "--steps", "1", "--modes", "eval,tune,inductor,compiled-tune", "--out", str(out),
+        ],
+        user_dir,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = _records(out)
+    for mode in ("inductor", "compiled-tune"):
+        assert recs[("benchmod:tiny", mode)]["compiled"]
+        assert recs[("benchmod:tiny", mode)]["out_rel_err"] < 1e-4
+
+
+@pytest.mark.slow
+def test_detection_and_video(user_dir):
+    out = user_dir / "detection"
+    proc = _cli(
+        [
+            "--models", "fasterrcnn_resnet50_fpn,r3d_18", "--batch", "1", "--size", "64",
+            "--rounds", "1", "--steps", "1", "--modes", "eval,tune,tune-paper,deploy",
+            "--out", str(out),
+        ],
+        user_dir,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = _records(out)
+    for model in ("fasterrcnn_resnet50_fpn", "r3d_18"):
+        assert recs[(model, "tune")]["pairs"] > 0
+        assert (
+            recs[(model, "tune")]["saved_bytes"] <= 1.005 * recs[(model, "deploy")]["saved_bytes"]
+        )
+    assert recs[("r3d_18", "tune")]["frames"] == 8
+
+
+def test_modes_listed_in_help(capsys):
+    assert bench.main(["--help"]) == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines at hyphens
+    assert all(mode in text for mode in MODES)
