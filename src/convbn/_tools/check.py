@@ -1,0 +1,343 @@
+"""``convbn check``: convert every torchvision model that has BatchNorm (and, with timm
+installed, a sample of timm models) and check the promises on each one.
+
+For each model: converted/skipped pairs with reasons; Tune equals Eval in float64
+(outputs and every gradient); in float32 the error of Tune and of Eval against the
+float64 truth; bytes kept for backward in Eval, Tune and after ``convbn.fuse``.
+A model passes when the float64 check holds and Tune keeps at most Eval's bytes and
+exactly the fused model's. Results go to ``<out>/check.json`` and ``<out>/check.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+import convbn
+from convbn._tools.bench_models import randomize_norms
+from convbn._tools.measure import saved_bytes
+
+__all__ = ["main", "check_model", "list_models"]
+
+FAMILIES = ("classification", "detection", "segmentation", "video", "optical_flow")
+_MODULES = {
+    "classification": torchvision.models,
+    "detection": torchvision.models.detection,
+    "segmentation": torchvision.models.segmentation,
+    "video": torchvision.models.video,
+    "optical_flow": torchvision.models.optical_flow,
+}
+MAX_PARAMS = 150_000_000  # float64 copies of larger models do not fit this machine's checks
+
+
+def list_models(families=FAMILIES) -> list[tuple[str, str]]:
+    return [
+        (family, name)
+        for family in families
+        for name in torchvision.models.list_models(module=_MODULES[family])
+    ]
+
+
+def _has_norm(model: nn.Module) -> bool:
+    return any(isinstance(getattr(m, "running_var", None), torch.Tensor) for m in model.modules())
+
+
+def _build(family: str, name: str) -> nn.Module:
+    kwargs: dict = {"weights": None}
+    if family == "classification":
+        kwargs["num_classes"] = 10
+        if name in ("googlenet", "inception_v3"):
+            kwargs.update(aux_logits=False, init_weights=False)
+    elif family in ("detection", "segmentation"):
+        kwargs.update(weights_backbone=None, num_classes=3)
+        if family == "detection" and not name.startswith("ssd"):
+            kwargs.update(min_size=128, max_size=128)
+        if name.startswith("keypointrcnn"):
+            kwargs.update(num_classes=2, num_keypoints=4)
+    elif family == "video":
+        kwargs["num_classes"] = 5
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, **kwargs)
+
+
+def _targets(dtype, size, n=2, keypoints=False):
+    g = torch.Generator().manual_seed(1)
+    targets = []
+    for _ in range(n):
+        lo = torch.rand(2, 2, generator=g, dtype=dtype) * size * 0.4
+        hi = lo + size * 0.3 + torch.rand(2, 2, generator=g, dtype=dtype) * size * 0.2
+        boxes = torch.cat([lo, hi], 1)
+        masks = torch.zeros(2, size, size, dtype=torch.uint8)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+            masks[i, y0:y1, x0:x1] = 1
+        t = {"boxes": boxes, "labels": torch.tensor([1, 1 if keypoints else 2]), "masks": masks}
+        if keypoints:
+            kp = (
+                torch.rand(2, 4, 3, generator=g, dtype=dtype) * size * 0.3
+                + lo.repeat(1, 2)[:, None, :3]
+            )
+            kp[..., 2] = 1
+            t["keypoints"] = kp
+        targets.append(t)
+    return targets
+
+
+def _runner(family: str, name: str, size: int) -> tuple[Callable, bool]:
+    """A function (model, dtype) -> scalar loss, and whether the model trains in train mode."""
+    g = torch.Generator().manual_seed(2)
+    if family == "detection":
+        size = 300 if name.startswith("ssd300") else (320 if name.startswith("ssdlite") else 128)
+        images = torch.rand(2, 3, size, size, generator=g)
+        targets = _targets(torch.float32, size, keypoints=name.startswith("keypoint"))
+
+        def run(model, dtype):
+            ims = [im.to(dtype) for im in images]
+            # torchvision insists on float32 keypoints whatever the model's dtype.
+            tg = [
+                {
+                    k: (v.to(dtype) if v.is_floating_point() and k != "keypoints" else v)
+                    for k, v in t.items()
+                }
+                for t in targets
+            ]
+            torch.manual_seed(0)
+            return sum(model(ims, tg).values())
+
+        return run, True
+    if family == "optical_flow":
+        a, b = torch.rand(1, 3, 128, 128, generator=g), torch.rand(1, 3, 128, 128, generator=g)
+        return (lambda m, d: m(a.to(d), b.to(d), num_flow_updates=2)[-1].square().mean()), False
+    if family == "video":
+        x = torch.randn(1, 3, 4, 32, 32, generator=g)
+        return (lambda m, d: m(x.to(d)).square().mean()), False
+    side = max(size, 75) if name == "inception_v3" else size
+    x = torch.randn(2, 3, side, side, generator=g)
+    if family == "segmentation":
+        return (lambda m, d: m(x.to(d))["out"].square().mean()), False
+    return (lambda m, d: m(x.to(d)).square().mean()), False
+
+
+def _loss_grads(model, run, dtype):
+    model.zero_grad(set_to_none=True)
+    loss = run(model, dtype)
+    loss.backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    return loss.detach(), grads
+
+
+def _rel(a, b) -> float:
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    diff = float((a.double() - b.double()).abs().max()) if b.numel() else 0.0
+    return diff / scale if scale else diff
+
+
+def _norm_err(a, b) -> float:
+    num = sum(float((u.double() - v.double()).square().sum()) for u, v in zip(a, b))
+    den = sum(float(v.double().square().sum()) for v in b)
+    return (num / den) ** 0.5 if den else num**0.5
+
+
+def check_model(family: str, name: str, size: int = 64) -> dict:
+    """Check one torchvision model; never raises (an error is recorded)."""
+    record: dict = {"family": family, "model": name}
+    start = time.perf_counter()
+    try:
+        model = _build(family, name)
+        if not _has_norm(model):
+            return None
+        n_params = sum(p.numel() for p in model.parameters())
+        record["params"] = n_params
+        if n_params > MAX_PARAMS:
+            record["error"] = f"skipped: {n_params / 1e6:.0f}M parameters"
+            return record
+        model = randomize_norms(model)
+        run, trains = _runner(family, name, size)
+        # Detectors compute their losses in train mode; every BN is frozen (eval mode).
+        model.train(trains)
+        for m in model.modules():
+            if isinstance(getattr(m, "running_var", None), torch.Tensor):
+                m.eval()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tuned = convbn.tune(copy.deepcopy(model), freeze_bn=True)
+            # Copied before any forward: some models (RAFT) keep non-leaf tensors afterwards.
+            fused = convbn.fuse(copy.deepcopy(tuned))
+            m64 = None
+            try:
+                m64 = copy.deepcopy(model).double()
+                ref = _loss_grads(m64, run, torch.float64)
+                got = _loss_grads(convbn.tune(m64, freeze_bn=True), run, torch.float64)
+                record["exact_err"] = max(_rel(got[0], ref[0]), _norm_err(got[1], ref[1]))
+                exact_tol = 1e-9
+            except RuntimeError as e:
+                # Some models (RAFT) do not run in float64: compare in float32 instead.
+                record["note"] = f"no float64 run ({str(e).splitlines()[0][:80]}); float32 only"
+                ref = _loss_grads(model, run, torch.float32)
+                got = _loss_grads(tuned, run, torch.float32)
+                record["exact_err"] = max(_rel(got[0], ref[0]), _norm_err(got[1], ref[1]))
+                exact_tol = 1e-3
+            m64 = None
+        report = convbn.report(tuned)
+        record["converted"] = len(report.converted)
+        record["skipped"] = len(report.skipped)
+        record["skip_reasons"] = sorted({r for _, r in report.skipped})
+        record["method"] = report.method
+        if "note" not in record:
+            e32 = _loss_grads(model, run, torch.float32)
+            t32 = _loss_grads(tuned, run, torch.float32)
+            record["fp32_err_eval"] = _norm_err(e32[1], ref[1])
+            record["fp32_err_tune"] = _norm_err(t32[1], ref[1])
+        record["saved_eval"] = saved_bytes(model, lambda: run(model, torch.float32))
+        record["saved_tune"] = saved_bytes(tuned, lambda: run(tuned, torch.float32))
+        record["saved_fused"] = saved_bytes(fused, lambda: run(fused, torch.float32))
+        record["ok"] = (
+            record["exact_err"] < exact_tol
+            and record["saved_tune"] <= record["saved_eval"]
+            and record["saved_tune"] == record["saved_fused"]
+        )
+    except Exception as e:  # one model's failure is a result, not the end of the sweep
+        record["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        record["traceback"] = traceback.format_exc(limit=6)
+        record["ok"] = False
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    return record
+
+
+def _timm_models(count: int) -> list[tuple[str, str]]:
+    try:
+        import timm
+    except ImportError:
+        return []
+    patterns = ["resnet*", "efficientnet*", "regnet*", "mobilenet*", "densenet*", "dla*", "rexnet*",
+                "ghostnet*", "cspresnet*", "hrnet*", "dpn*", "res2net*", "selecsls*", "tresnet*"]  # fmt: skip
+    names: list[str] = []
+    for p in patterns:
+        names += timm.list_models(p)[: max(1, count // len(patterns))]
+    return [("timm", n) for n in names[:count]]
+
+
+def _check_timm(name: str, size: int) -> dict | None:
+    import timm
+
+    record: dict = {"family": "timm", "model": name}
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=10)
+        if not _has_norm(model):
+            return None
+        model = randomize_norms(model).eval()
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+
+        def run(m, d):
+            return m(x.to(d)).square().mean()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m64 = copy.deepcopy(model).double()
+            ref = _loss_grads(m64, run, torch.float64)
+            got = _loss_grads(convbn.tune(copy.deepcopy(m64)), run, torch.float64)
+            tuned = convbn.tune(copy.deepcopy(model))
+        record["exact_err"] = max(_rel(got[0], ref[0]), _norm_err(got[1], ref[1]))
+        report = convbn.report(tuned)
+        record.update(converted=len(report.converted), skipped=len(report.skipped),
+                      skip_reasons=sorted({r for _, r in report.skipped}), method=report.method)  # fmt: skip
+        fused = convbn.fuse(copy.deepcopy(tuned))
+        record["saved_eval"] = saved_bytes(model, lambda: run(model, torch.float32))
+        record["saved_tune"] = saved_bytes(tuned, lambda: run(tuned, torch.float32))
+        record["saved_fused"] = saved_bytes(fused, lambda: run(fused, torch.float32))
+        record["ok"] = (
+            record["exact_err"] < 1e-9
+            and record["saved_eval"] >= record["saved_tune"] == record["saved_fused"]
+        )
+    except Exception as e:
+        record["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        record["ok"] = False
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    return record
+
+
+def _mib(n) -> str:
+    return "" if n is None else f"{n / 2**20:.1f}"
+
+
+def _table(records: list[dict]) -> str:
+    lines = [
+        "| family | model | conv. | skip. | fp64 err | fp32 err Tune / Eval | saved MiB Eval / Tune / fused | ok | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        note = r.get("error") or "; ".join(r.get("skip_reasons", []) + [r.get("note", "")])
+        err32 = (
+            f"{r['fp32_err_tune']:.1e} / {r['fp32_err_eval']:.1e}" if "fp32_err_tune" in r else ""
+        )
+        saved = " / ".join(_mib(r.get(k)) for k in ("saved_eval", "saved_tune", "saved_fused"))
+        lines.append(
+            f"| {r['family']} | {r['model']} | {r.get('converted', '')} | {r.get('skipped', '')} | "
+            f"{r.get('exact_err', float('nan')):.1e} | {err32} | {saved} | "
+            f"{'yes' if r.get('ok') else 'NO'} | {note[:120]} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="convbn check", description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated")
+    parser.add_argument("--models", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--timm", type=int, default=40, help="how many timm models (if installed)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--out", default="check-results")
+    args = parser.parse_args(argv)
+    families = [f for f in args.families.split(",") if f]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        print(f"convbn check: unknown family {unknown}; one of {FAMILIES}", file=sys.stderr)
+        return 2
+    todo = list_models(families)
+    if args.models:
+        wanted = set(args.models.split(","))
+        todo = [t for t in todo if t[1] in wanted]
+        missing = wanted - {t[1] for t in todo}
+        if missing:
+            print(f"convbn check: unknown model(s) {sorted(missing)}", file=sys.stderr)
+            return 2
+    else:
+        todo += _timm_models(args.timm)
+    torch.set_num_threads(torch.get_num_threads())
+    records = []
+    for i, (family, name) in enumerate(todo):
+        print(f"[{i + 1}/{len(todo)}] {family} {name}", file=sys.stderr, flush=True)
+        rec = (
+            _check_timm(name, args.size)
+            if family == "timm"
+            else check_model(family, name, args.size)
+        )
+        if rec is not None:
+            records.append(rec)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = {"torch": torch.__version__, "torchvision": torchvision.__version__,
+               "threads": torch.get_num_threads()}  # fmt: skip
+    (out / "check.json").write_text(json.dumps({"machine": machine, "records": records}, indent=1))
+    table = _table(records)
+    (out / "check.md").write_text(table + "\n")
+    print(table)
+    bad = [
+        r["model"]
+        for r in records
+        if not r.get("ok") and not str(r.get("error", "")).startswith("skipped")
+    ]
+    print(f"\n{len(records)} models with BatchNorm checked, {len(bad)} failed: {bad}")
+    return 1 if bad else 0
