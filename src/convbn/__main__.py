@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "bench": ("convbn._tools.bench", "every mode and existing tool side by side (default)"),
+    "check": ("convbn._tools.check", "convert the whole torchvision (and timm) zoo and check it"),
     "experiment": ("convbn._tools.experiments", "reproduce the paper: transfer, detection, attack"),
 }
 
