@@ -33,7 +33,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 soak: install
-	CONVBN_FUZZ_CASES=10000 $(PY) -m pytest -q tests/model/test_fuzz_models.py
+	CONVBN_FUZZ_CASES=5000 $(PY) -m pytest -q tests/model/test_fuzz_models.py
 
 clean:
 	rm -rf $(VENV) bench-results build src/*.egg-info

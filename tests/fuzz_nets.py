@@ -3,7 +3,7 @@
 A network is a random program over a list of values, all of shape (N, C, H, W): each
 step reads earlier values and appends a new one. Steps cover what makes pair finding
 hard: residual sums into a BN, functional convolutions, producers with several
-consumers, modules shared between places, conv subclasses, parametrized weights,
+consumers, modules shared between places, conv subclasses, parametrized weights, lazy convs,
 BN without running statistics, ConvTranspose and Linear pairs.
 """
 
@@ -31,7 +31,9 @@ class PlainConv(nn.Conv2d):
 
 
 def _conv(rng: random.Random) -> nn.Module:
-    kind = rng.choice(["plain", "plain", "nobias", "reflect", "group", "flip", "sub", "wn", "sn"])
+    kind = rng.choice(
+        ["plain", "plain", "nobias", "reflect", "group", "flip", "sub", "wn", "sn", "lazy"]
+    )
     k = rng.choice([1, 3])
     pad = k // 2
     if kind == "nobias":
@@ -46,6 +48,8 @@ def _conv(rng: random.Random) -> nn.Module:
         return PlainConv(C, C, k, padding=pad)
     if kind == "wn":
         return parametrizations.weight_norm(nn.Conv2d(C, C, k, padding=pad))
+    if kind == "lazy":  # shaped by the first forward, which the fuzz test runs before tune
+        return nn.LazyConv2d(C, k, padding=pad)
     if kind == "sn":
         return parametrizations.spectral_norm(nn.Conv2d(C, C, k, padding=pad))
     return nn.Conv2d(C, C, k, padding=pad)

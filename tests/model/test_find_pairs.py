@@ -322,3 +322,29 @@ def test_tracing_leaves_no_proxy_behind():
     assert model.size is None
     report = _check_equal(model, torch.randn(1, 3, 4, 4))
     assert report.converted == [("conv", "bn")]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: nn.Sequential(nn.LazyConv2d(4, 3, padding=1), nn.BatchNorm2d(4)),
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.LazyBatchNorm2d()),
+    ],
+    ids=["lazy-conv", "lazy-bn"],
+)
+@pytest.mark.parametrize("way", ["traced", "recorded"])
+def test_lazy_modules(model, way):
+    x = torch.randn(2, 3, 6, 6)
+    m = model().eval()
+    # Uninitialised: a clear error naming the module, the model left as it was.
+    with pytest.raises(ValueError, match=r"lazy modules not initialised yet: [01]"):
+        convbn.tune(m, (x,) if way == "recorded" else None)
+    with pytest.raises(ValueError, match="was not converted"):
+        convbn.report(m)
+    # After the first forward (which gives them their shapes), they convert like any other.
+    m(x)
+    randomize_norms(m)
+    reference = m(x)
+    convbn.tune(m, (x,) if way == "recorded" else None)
+    assert len(convbn.report(m).converted) == 1
+    assert rel_err(m(x), reference) < 1e-5

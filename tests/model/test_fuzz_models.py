@@ -3,7 +3,7 @@ tracing and by a recorded forward; the converted model's outputs and gradients e
 Eval mode's in float64, or the pair is skipped with a reason.
 
 `make test` runs a slice (CONVBN_FUZZ_CASES, default 150 networks x 2 ways = 300
-cases); `make soak` runs 10,000."""
+cases); `make soak` runs 5,000 networks x 2 ways = 10,000 cases."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def producer_problem(module: nn.Module) -> str | None:
     if cls.forward not in _KNOWN_FORWARDS:
         return f"{cls.__name__} overrides forward(); its computation is unknown"
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-        return "lazy module not initialised yet; run one forward or pass example_inputs"
+        return "lazy module not initialised yet; run one forward pass first"
     if module.weight is None:
         return "producer has no weight"
     return None

@@ -410,6 +410,16 @@ def _record(model: nn.Module, inputs: tuple) -> _Sites:
 
 def find_pairs(model: nn.Module, example_inputs=None) -> Analysis:
     """Every convertible pair of ``model`` and every BN-like module left out, with why."""
+    lazy = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+    ]
+    if lazy:
+        raise ValueError(
+            f"convbn: lazy modules not initialised yet: {', '.join(lazy)}; run one forward "
+            "pass of the model first (their shapes come from it), then convert"
+        )
     sites = _Sites()
     untraced: dict[str, str] = {}
     if example_inputs is not None:
