@@ -328,3 +328,25 @@ def test_detection_eval_and_tune_losses_agree_in_float64():
         assert t["pairs_converted"] == 53
         for a, b in zip(e["losses"], t["losses"]):
             assert abs(a - b) <= 1e-9 * abs(a)
+
+
+@pytest.mark.slow
+def test_transfer_distributed_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _need("sklearn")
+    _need_mobilenet()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "convbn", "experiment", "transfer", "--distributed", "--quick",
+           "--models", "mobilenet_v2", "--modes", "eval", "tune", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "transfer.json").read_text())
+    assert out["config"]["world_size"] == 2
+    assert {r["mode"] for r in out["records"]} == {"eval", "tune"}
+    # under DDP too, Tune follows Eval: exactly in float64, to rounding in float32
+    assert out["float64_check"]["tune_vs_eval_float64_max_loss_diff"] < 1e-9
+    assert out["tune_vs_eval_max_loss_diff"] < 0.05

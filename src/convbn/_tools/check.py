@@ -293,12 +293,22 @@ def _table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="convbn check", description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated")
+    parser = argparse.ArgumentParser(
+        prog="convbn check",
+        description="Convert every torchvision model that has BatchNorm (and a sample of timm "
+        "models) and check that Tune equals Eval in float64 and keeps Deploy's bytes.",
+    )
+    parser.add_argument(
+        "--families",
+        default=",".join(FAMILIES),
+        help=f"comma-separated torchvision families (default: {','.join(FAMILIES)})",
+    )
     parser.add_argument("--models", default="", help="comma-separated names (default: all)")
-    parser.add_argument("--timm", type=int, default=40, help="how many timm models (if installed)")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--out", default="check-results")
+    parser.add_argument(
+        "--timm", type=int, default=40, help="how many timm models, when timm is installed"
+    )
+    parser.add_argument("--size", type=int, default=64, help="input side (default 64)")
+    parser.add_argument("--out", default="check-results", help="output directory")
     args = parser.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
     unknown = [f for f in families if f not in FAMILIES]

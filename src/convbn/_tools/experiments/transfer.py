@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -209,6 +210,7 @@ def train_run(
     max_steps: int | None = None,
     measure: bool = True,
     dtype: str = "float32",
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``model_name`` on ``dataset`` in ``mode`` once per seed; JSON-able results.
 
@@ -216,7 +218,15 @@ def train_run(
     seed, identically in every mode. ``measure`` counts the bytes autograd keeps for backward
     on the first step (then excluded from the step times). ``dtype="float64"`` tells rounding
     from a difference between modes.
+
+    ``distributed``: under torchrun (process group initialised), the model is converted, then
+    wrapped in DistributedDataParallel; each process takes its share of every global batch of
+    ``batch_size`` (same seeds, same order everywhere) and the losses reported are the global
+    batch's.
     """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} is not a multiple of {world} processes")
     images = data.load_dataset(dataset, size=size, limit=limit)
     torch_dtype = getattr(torch, dtype)
     images.train_x, images.test_x = images.train_x.to(torch_dtype), images.test_x.to(torch_dtype)
@@ -232,6 +242,9 @@ def train_run(
         torch.manual_seed(seed)
         model = data.load_model(model_name, images.num_classes).to(torch_dtype)
         set_up_mode(model, mode)
+        trained = model
+        if distributed:
+            trained = nn.parallel.DistributedDataParallel(model)
         if baseline_rss is None:
             baseline_rss = common.current_rss_bytes()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -247,16 +260,18 @@ def train_run(
                 order, pos = torch.randperm(n, generator=order_rng), 0
             idx = order[pos : pos + batch_size]
             pos += batch_size
+            if distributed:
+                idx = idx[rank::world]
             xb, yb = images.train_x[idx], images.train_y[idx]
             t0 = time.perf_counter()
             if measure and step == 0:
                 counter = count_saved(model)
                 with counter.count():
-                    logits = model(xb)
+                    logits = trained(xb)
                     loss = F.cross_entropy(logits, yb)
                 saved = counter.total
             else:
-                logits = model(xb)
+                logits = trained(xb)
                 loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -265,8 +280,13 @@ def train_run(
             if step > 0 or not measure:
                 step_times.append(dt)
             value = float(loss.detach())
+            accuracy = float((logits.argmax(1) == yb).double().mean())
+            if distributed:  # equal shares: the global batch's mean is the mean of the means
+                both = torch.tensor([value, accuracy], dtype=torch.float64)
+                dist.all_reduce(both)
+                value, accuracy = (both / world).tolist()
             losses.append(value)
-            train_acc.append(float((logits.argmax(1) == yb).double().mean()))
+            train_acc.append(accuracy)
             if not math.isfinite(value):
                 break
             if (step + 1) % eval_every == 0 and step + 1 < total_steps:
@@ -295,6 +315,7 @@ def train_run(
         "train_size": n,
         "steps": total_steps,
         "baseline_rss_bytes": baseline_rss,
+        "world_size": world,
         "runs": runs,
     }
 
@@ -371,14 +392,36 @@ def _plot(results: list[dict], path: str, title: str) -> str | None:
     return path
 
 
-def run_default(args) -> dict[str, Any]:
+def _start_distributed() -> bool:
+    """Join torchrun's process group (gloo: the experiments train on CPU); True on rank 0."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit(
+            "--distributed runs under torchrun, e.g. torchrun --nproc_per_node 2 "
+            "-m convbn experiment transfer --distributed"
+        )
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank() == 0
+
+
+def run_default(args) -> dict[str, Any] | None:
+    """The default run; under ``--distributed``, rank 0 returns the payload, the others None."""
+    lead = _start_distributed() if args.distributed else True
+    try:
+        return _run_default(args, lead)
+    finally:
+        if args.distributed:
+            dist.destroy_process_group()
+
+
+def _run_default(args, lead: bool) -> dict[str, Any] | None:
     cfg = dict(QUICK if args.quick else DEFAULT)
     for key in ("models", "datasets", "seeds", "epochs", "max_steps", "limit"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     modes = args.modes or list(MODES)
     jobs = [(m, d, mode) for m in cfg["models"] for d in cfg["datasets"] for mode in modes]
-    progress = common.Progress(len(jobs), "transfer")
+    progress = common.Progress(len(jobs), "transfer") if lead else None
     results = []
     for model_name, dataset, mode in jobs:
         kwargs = {
@@ -393,16 +436,21 @@ def run_default(args) -> dict[str, Any]:
             "size": args.size,
             "limit": cfg["limit"],
             "max_steps": cfg["max_steps"],
+            "distributed": args.distributed,
         }
         t0 = time.perf_counter()
         result = common.run_isolated(
-            "convbn._tools.experiments.transfer:train_run", kwargs, isolate=not args.in_process
+            "convbn._tools.experiments.transfer:train_run",
+            kwargs,
+            isolate=not (args.in_process or args.distributed),
         )
         result["wall_s"] = time.perf_counter() - t0
         results.append(result)
         accs = ", ".join(f"{r['accuracy']:.3f}" for r in result["runs"])
-        progress.step(f"{model_name} {dataset} {mode}: acc {accs}")
-    progress.close()
+        if progress is not None:
+            progress.step(f"{model_name} {dataset} {mode}: acc {accs}")
+    if progress is not None:
+        progress.close()
 
     records = []
     for r in results:
@@ -440,6 +488,8 @@ def run_default(args) -> dict[str, Any]:
     for model_name in cfg["models"]:
         factors[model_name] = factor_summary(data.load_model(model_name, 10))
     check = _float64_check(results, cfg, args, modes)
+    if not lead:
+        return None
     payload = {
         "experiment": "transfer",
         "command": args.command_line,
@@ -450,6 +500,7 @@ def run_default(args) -> dict[str, Any]:
             "lr": args.lr,
             "batch_size": args.batch_size,
             "size": args.size,
+            "world_size": results[0]["world_size"] if results else 1,
         },
         "environment": common.environment(),
         "peak_note": "peak_bytes: peak RSS of the process that ran this (model, dataset, mode) "
@@ -504,6 +555,7 @@ def _float64_check(results: list[dict], cfg: dict, args, modes: list[str]) -> di
         "max_steps": steps,
         "measure": False,
         "dtype": "float64",
+        "distributed": args.distributed,
     }
     common.log(f"float64 check: {model_name} {dataset}, {steps} steps, eval and tune")
     e64 = train_run(model_name, dataset, "eval", **kw)["runs"][0]["losses"]
@@ -862,10 +914,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="sweep: parallel processes")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=32, help="image side (digits are upsampled)")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="under torchrun: DistributedDataParallel, each process a share of every batch",
+    )
 
 
 def run(args) -> int:
     if args.sweep:
+        if args.distributed:
+            raise SystemExit("--distributed applies to the default run, not to --sweep")
         run_sweep(args)
     else:
         run_default(args)
