@@ -132,10 +132,16 @@ def fold_bias(
     beta: Tensor | None,
     dtype: torch.dtype,
 ) -> Tensor:
-    """``b' = (b - mu) * a + beta``, with absent ``b``/``beta`` taken as zero."""
-    shift = cast(running_mean, dtype)
-    shift = cast(bias, dtype) - shift if bias is not None else -shift
-    folded_bias = shift * scale
-    if beta is not None:
-        folded_bias = folded_bias + cast(beta, dtype)
-    return folded_bias
+    """``b' = (b - mu) * a + beta``, with absent ``b``/``beta`` taken as zero.
+
+    Written with fused multiply-adds: every kernel counts when Tune runs at small batch.
+    """
+    mean = cast(running_mean, dtype)
+    if bias is None:
+        if beta is None:
+            return (mean * scale).neg()
+        return torch.addcmul(cast(beta, dtype), mean, scale, value=-1)
+    shift = cast(bias, dtype) - mean
+    if beta is None:
+        return shift * scale
+    return torch.addcmul(cast(beta, dtype), shift, scale)
