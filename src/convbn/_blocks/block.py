@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from convbn._blocks.norms import norm_stats
+from convbn._blocks.norms import norm_problem, norm_stats
 from convbn._blocks.producers import (
     compute_dtype,
     input_rank,
@@ -37,7 +37,7 @@ def check_pair(producer: nn.Module, bn: nn.Module) -> None:
             f"{type(producer).__name__} is not a supported producer "
             "(ConvNd, ConvTransposeNd or Linear)"
         )
-    problem = producer_problem(producer)
+    problem = producer_problem(producer) or norm_problem(bn)
     if problem is not None:
         raise ValueError(problem)
     stats = norm_stats(bn)

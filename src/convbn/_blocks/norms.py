@@ -57,6 +57,15 @@ def norm_problem(module: nn.Module) -> str | None:
             return "BatchNorm without running statistics (track_running_stats=False)"
     elif not _has_stats(module):
         return "no running_mean/running_var/eps"
+    else:
+        # A frozen BN known by its name: it must be nothing but the normalisation. timm's
+        # FrozenBatchNormAct2d, for one, applies an activation and dropout after it.
+        extra = [n for n, m in module.named_children() if not isinstance(m, nn.Identity)]
+        if extra:
+            return (
+                f"{base_class(module).__name__} applies {', '.join(extra)} after normalising; "
+                "only a plain frozen BN can be folded"
+            )
     return None
 
 
