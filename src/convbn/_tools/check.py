@@ -325,8 +325,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:
         todo += _timm_models(args.timm)
-    torch.set_num_threads(torch.get_num_threads())
-    records = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = {"torch": torch.__version__, "torchvision": torchvision.__version__,
+               "threads": torch.get_num_threads(), "command": "convbn check " + " ".join(
+                   sys.argv[1:] if argv is None else argv)}  # fmt: skip
+    records: list[dict] = []
     for i, (family, name) in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] {family} {name}", file=sys.stderr, flush=True)
         rec = (
@@ -334,15 +338,16 @@ def main(argv: list[str] | None = None) -> int:
             if family == "timm"
             else check_model(family, name, args.size)
         )
-        if rec is not None:
-            records.append(rec)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    machine = {"torch": torch.__version__, "torchvision": torchvision.__version__,
-               "threads": torch.get_num_threads()}  # fmt: skip
-    (out / "check.json").write_text(json.dumps({"machine": machine, "records": records}, indent=1))
+        if rec is None:
+            continue
+        records.append(rec)
+        # Written after every model: an interrupted sweep keeps what it has checked.
+        payload = {"machine": machine, "done": i + 1, "of": len(todo), "records": records}
+        (out / "check.json").write_text(json.dumps(payload, indent=1))
+        (out / "check.md").write_text(_table(records) + "\n")
+        status = "ok" if rec.get("ok") else f"NOT OK {rec.get('error', '')}"
+        print(f"    {status} ({rec.get('seconds')} s)", file=sys.stderr, flush=True)
     table = _table(records)
-    (out / "check.md").write_text(table + "\n")
     print(table)
     bad = [
         r["model"]
