@@ -54,7 +54,7 @@ def _env(path: Path) -> dict[str, str]:
     return env
 
 
-def _cli(args: list[str], path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def _cli(args: list[str], path: Path, timeout: float = 1200) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "convbn", "bench", *args],
         cwd=path,
@@ -179,7 +179,7 @@ def test_plot_written(run):
 
 
 def test_unknown_mode_exits_nonzero(tmp_path):
-    proc = _cli(["--modes", "eval,bogus"], tmp_path, timeout=120)
+    proc = _cli(["--modes", "eval,bogus"], tmp_path, timeout=600)
     assert proc.returncode == 2
     assert "unknown mode" in proc.stderr and "bogus" in proc.stderr
     assert not (tmp_path / "bench-results").exists()
