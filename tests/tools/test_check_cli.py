@@ -21,3 +21,17 @@ def test_check_selected_models(tmp_path, capsys):
 def test_check_unknown_model_is_an_error(tmp_path, capsys):
     assert cli.main(["check", "--models", "no_such_net", "--out", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_check_resume_keeps_records_and_runs_each_model_in_its_own_process(tmp_path):
+    out = str(tmp_path)
+    assert cli.main(["check", "--models", "resnet18", "--out", out, "--in-process"]) == 0
+    first = json.loads((tmp_path / "check.json").read_text())["records"]
+    assert "peak_rss_bytes" not in first[0]
+    rc = cli.main(["check", "--models", "resnet18,mobilenet_v3_small", "--out", out, "--resume"])
+    assert rc == 0
+    records = json.loads((tmp_path / "check.json").read_text())["records"]
+    assert [r["model"] for r in records] == ["resnet18", "mobilenet_v3_small"]
+    assert records[0] == first[0]  # kept, not checked again
+    # Checked in a worker process, whose own peak memory is recorded.
+    assert records[1]["ok"] and records[1]["peak_rss_bytes"] > 0

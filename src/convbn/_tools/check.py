@@ -26,6 +26,7 @@ from torch import nn
 
 import convbn
 from convbn._tools.bench_models import randomize_norms
+from convbn._tools.experiments.common import run_isolated
 from convbn._tools.measure import saved_bytes
 
 __all__ = ["main", "check_model", "list_models"]
@@ -119,9 +120,12 @@ def _runner(family: str, name: str, size: int) -> tuple[Callable, bool]:
         a, b = torch.rand(1, 3, 128, 128, generator=g), torch.rand(1, 3, 128, 128, generator=g)
         return (lambda m, d: m(a.to(d), b.to(d), num_flow_updates=2)[-1].square().mean()), False
     if family == "video":
-        x = torch.randn(1, 3, 4, 32, 32, generator=g)
+        # S3D's last pooling needs 16 frames of 224 x 224 (2 x 7 x 7 after downsampling).
+        shape = (1, 3, 16, 224, 224) if name == "s3d" else (1, 3, 4, 32, 32)
+        x = torch.randn(*shape, generator=g)
         return (lambda m, d: m(x.to(d)).square().mean()), False
-    side = max(size, 75) if name == "inception_v3" else size
+    # Inception needs 75 pixels or more; MaxViT's 7x7 windows need a side of 224 (7 * 2**5).
+    side = {"inception_v3": max(size, 75), "maxvit_t": 224}.get(name, size)
     x = torch.randn(2, 3, side, side, generator=g)
     if family == "segmentation":
         return (lambda m, d: m(x.to(d))["out"].square().mean()), False
@@ -269,14 +273,39 @@ def _check_timm(name: str, size: int) -> dict | None:
     return record
 
 
+def _check_one(family: str, name: str, size: int) -> dict:
+    """One model's check, as run in a worker process (see ``_isolated``)."""
+    rec = _check_timm(name, size) if family == "timm" else check_model(family, name, size)
+    return {"record": rec}
+
+
+def _isolated(family: str, name: str, size: int) -> dict | None:
+    """``_check_one`` in a fresh process: memory does not pile up over a sweep (freed
+    tensors of earlier models kept a long sweep's resident memory growing past 24 GiB), and
+    a model that crashes or is killed for memory is a failed record, not the end of the sweep.
+    """
+    try:
+        out = run_isolated(
+            "convbn._tools.check:_check_one",
+            {"family": family, "name": name, "size": size},
+            threads=torch.get_num_threads(),
+        )
+    except RuntimeError as e:
+        return {"family": family, "model": name, "ok": False, "error": str(e)}
+    rec = out["record"]
+    if rec is not None:
+        rec["peak_rss_bytes"] = out["peak_rss_bytes"]
+    return rec
+
+
 def _mib(n) -> str:
     return "" if n is None else f"{n / 2**20:.1f}"
 
 
 def _table(records: list[dict]) -> str:
     lines = [
-        "| family | model | conv. | skip. | fp64 err | fp32 err Tune / Eval | saved MiB Eval / Tune / fused | ok | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| family | model | conv. | skip. | fp64 err | fp32 err Tune / Eval | saved MiB Eval / Tune / fused | ok | s | peak RSS GiB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         note = r.get("error") or "; ".join(r.get("skip_reasons", []) + [r.get("note", "")])
@@ -284,10 +313,11 @@ def _table(records: list[dict]) -> str:
             f"{r['fp32_err_tune']:.1e} / {r['fp32_err_eval']:.1e}" if "fp32_err_tune" in r else ""
         )
         saved = " / ".join(_mib(r.get(k)) for k in ("saved_eval", "saved_tune", "saved_fused"))
+        rss = f"{r['peak_rss_bytes'] / 2**30:.1f}" if "peak_rss_bytes" in r else ""
         lines.append(
             f"| {r['family']} | {r['model']} | {r.get('converted', '')} | {r.get('skipped', '')} | "
             f"{r.get('exact_err', float('nan')):.1e} | {err32} | {saved} | "
-            f"{'yes' if r.get('ok') else 'NO'} | {note[:120]} |"
+            f"{'yes' if r.get('ok') else 'NO'} | {r.get('seconds', '')} | {rss} | {note[:120]} |"
         )
     return "\n".join(lines)
 
@@ -309,6 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", type=int, default=64, help="input side (default 64)")
     parser.add_argument("--out", default="check-results", help="output directory")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the passing records already in <out>/check.json; check the other models",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="check every model in this process (default: a fresh process per model)",
+    )
     args = parser.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
     unknown = [f for f in families if f not in FAMILIES]
@@ -331,13 +371,19 @@ def main(argv: list[str] | None = None) -> int:
                "threads": torch.get_num_threads(), "command": "convbn check " + " ".join(
                    sys.argv[1:] if argv is None else argv)}  # fmt: skip
     records: list[dict] = []
+    if args.resume and (out / "check.json").exists():
+        records = json.loads((out / "check.json").read_text())["records"]
+    # Failures are checked again; models skipped for their size are not.
+    records = [r for r in records if r.get("ok") or str(r.get("error", "")).startswith("skipped")]
+    done = {(r["family"], r["model"]) for r in records}
     for i, (family, name) in enumerate(todo):
+        if (family, name) in done:
+            continue
         print(f"[{i + 1}/{len(todo)}] {family} {name}", file=sys.stderr, flush=True)
-        rec = (
-            _check_timm(name, args.size)
-            if family == "timm"
-            else check_model(family, name, args.size)
-        )
+        if args.in_process:
+            rec = _check_one(family, name, args.size)["record"]
+        else:
+            rec = _isolated(family, name, args.size)
         if rec is None:
             continue
         records.append(rec)
