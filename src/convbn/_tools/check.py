@@ -280,8 +280,8 @@ def _check_one(family: str, name: str, size: int) -> dict:
 
 
 def _isolated(family: str, name: str, size: int) -> dict | None:
-    """``_check_one`` in a fresh process: memory does not pile up over a sweep (freed
-    tensors of earlier models kept a long sweep's resident memory growing past 24 GiB), and
+    """``_check_one`` in a fresh process: memory does not pile up over a sweep (in one
+    process a long sweep's resident memory grew model after model past 24 GiB), and
     a model that crashes or is killed for memory is a failed record, not the end of the sweep.
     """
     try:
