@@ -298,6 +298,11 @@ def _isolated(family: str, name: str, size: int) -> dict | None:
     return rec
 
 
+def _failed(record: dict) -> bool:
+    """Not ok, and not a model skipped on purpose (too large for this machine)."""
+    return not record.get("ok") and not str(record.get("error", "")).startswith("skipped")
+
+
 def _mib(n) -> str:
     return "" if n is None else f"{n / 2**20:.1f}"
 
@@ -372,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
                    sys.argv[1:] if argv is None else argv)}  # fmt: skip
     records: list[dict] = []
     if args.resume and (out / "check.json").exists():
+        # Failures are checked again; models skipped for their size are not.
         records = json.loads((out / "check.json").read_text())["records"]
-    # Failures are checked again; models skipped for their size are not.
-    records = [r for r in records if r.get("ok") or str(r.get("error", "")).startswith("skipped")]
+        records = [r for r in records if not _failed(r)]
     done = {(r["family"], r["model"]) for r in records}
     for i, (family, name) in enumerate(todo):
         if (family, name) in done:
@@ -395,10 +400,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {status} ({rec.get('seconds')} s)", file=sys.stderr, flush=True)
     table = _table(records)
     print(table)
-    bad = [
-        r["model"]
-        for r in records
-        if not r.get("ok") and not str(r.get("error", "")).startswith("skipped")
-    ]
+    bad = [r["model"] for r in records if _failed(r)]
     print(f"\n{len(records)} models with BatchNorm checked, {len(bad)} failed: {bad}")
     return 1 if bad else 0
