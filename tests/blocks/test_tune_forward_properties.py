@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from convbn._blocks.producers import prepare
+from convbn._math.tune_autograd import _out_numel as out_numel
 from convbn.functional import fold, tune_forward
 from helpers import rel_err, saved_during
 
@@ -111,7 +113,8 @@ def _stats(norm: nn.Module, seed: int, extreme: bool) -> None:
         if isinstance(norm.weight, torch.Tensor):
             gamma = torch.randn(c, generator=g)
             if extreme:
-                gamma[1::2] = torch.tensor([1e3, 1e-6])[torch.arange(1, c, 2) % 2]
+                # 0: a zero-initialised gamma (torchvision's zero_init_residual, timm).
+                gamma[1::2] = torch.tensor([1e3, 1e-6, 0.0])[torch.arange(1, c, 2) % 3]
             norm.weight.copy_(gamma)
             norm.bias.copy_(torch.randn(c, generator=g))
     norm.eval()
@@ -148,6 +151,9 @@ def test_tune_equals_eval_in_float64_and_keeps_what_deploy_keeps(case):
 
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     assert out.dtype == dtype and out.shape == ref.shape
+    # The output size Tune predicts (to choose what to scale) is the real one.
+    prepared, spec = prepare(producer, x)
+    assert out_numel(spec, prepared.shape, producer.weight) == out.numel()
     assert rel_err(out, ref) <= tol
     for got, want in zip(grads, ref_grads):
         assert got.dtype == dtype and got.shape == want.shape

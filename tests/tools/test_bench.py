@@ -18,7 +18,7 @@ import torch
 from convbn._tools import bench
 from convbn._tools.bench_models import PAPER_ZOO, ModelInfo, build_model, resolve
 from convbn._tools.bench_modes import MODES, FrozenScaleShift, PaperTuneProducer, apply_mode
-from convbn._tools.bench_report import Record, aggregate, format_table, rel_err
+from convbn._tools.bench_report import Record, aggregate, format_table, plot, rel_err
 
 # A user's model module, written to a folder on the workers' PYTHONPATH: `tiny` has a
 # Conv2d->BN2d pair, a Conv2d->BN2d pair with stride, and a Linear->BN1d pair;
@@ -40,6 +40,39 @@ USER_MODULE = textwrap.dedent(
 
     def broken():
         raise RuntimeError("this factory is broken on purpose")
+
+
+    class _Counting(nn.Sequential):
+        # Does something odd in its `at`-th step.
+
+        def __init__(self, at, odd):
+            super().__init__(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+            self.calls, self.at, self.odd = 0, at, odd
+
+        def forward(self, x):
+            # Training steps only, not torch.fx tracing (convbn.tune traces the model).
+            self.calls += isinstance(x, torch.Tensor)
+            if self.calls == self.at:
+                self.odd()
+            return super().forward(x)
+
+
+    def _raise():
+        raise RuntimeError("fails in its second step on purpose")
+
+
+    def flaky():
+        return _Counting(2, _raise)
+
+
+    def crashing():
+        import os
+        return _Counting(3, lambda: os._exit(3))
+
+
+    def chatty():
+        import os
+        return _Counting(1, lambda: (print("a line on stdout"), os.write(1, b"and from C\\n")))
     """
 )
 MODES_RUN = "eval,tune,deploy,train,tune-paper,frozenbn,mmengine"
@@ -270,6 +303,14 @@ def test_aggregate_and_table():
     assert rel_err(torch.ones(3), torch.ones(4)) == math.inf
 
 
+def test_plot_when_every_run_failed(tmp_path):
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib not installed")
+    failed = [Record("m", mode, 1, 32, "fp32", "cpu", error="boom") for mode in ("eval", "tune")]
+    assert plot(failed, tmp_path / "bench.png", "all failed")
+    assert (tmp_path / "bench.png").exists()
+
+
 @pytest.mark.slow
 def test_compiled_modes(user_dir):
     out = user_dir / "compiled"
@@ -314,3 +355,31 @@ def test_modes_listed_in_help(capsys):
     assert bench.main(["--help"]) == 0
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines at hyphens
     assert all(mode in text for mode in MODES)
+
+
+def test_failures_mid_run_keep_the_rounds_before(user_dir):
+    """A model that raises in its second step, one whose process dies in its third, and
+    one that prints to stdout (where the worker's answers go) in the same run."""
+    out = user_dir / "mid-run"
+    proc = _cli(
+        [
+            "--models", "benchmod:flaky,benchmod:crashing,benchmod:chatty", "--batch", "2",
+            "--size", "16", "--rounds", "3", "--warmup", "0", "--threads", "1",
+            "--modes", "eval,tune", "--out", str(out),
+        ],
+        user_dir,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    recs = _records(out)
+    for mode in ("eval", "tune"):
+        flaky = recs[("benchmod:flaky", mode)]
+        assert "fails in its second step on purpose" in flaky["error"]
+        assert len(flaky["step_s_rounds"]) == 1 and flaky["step_s"] > 0
+        crashing = recs[("benchmod:crashing", mode)]
+        assert "worker crashed (exit status 3)" in crashing["error"]
+        assert len(crashing["step_s_rounds"]) == 2
+        chatty = recs[("benchmod:chatty", mode)]
+        assert chatty["error"] is None, chatty["error"]
+        assert len(chatty["step_s_rounds"]) == 3 and chatty["saved_bytes"] > 0
+    assert recs[("benchmod:chatty", "tune")]["out_rel_err"] < 1e-5
+    assert (out / "logs" / "benchmod_flaky-eval.log").exists()

@@ -1,10 +1,10 @@
-"""Autocast queries across the supported torch versions (>= 2.3)."""
+"""Autocast and compiler queries across the supported torch versions (>= 2.3)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["autocast_enabled", "autocast_dtype"]
+__all__ = ["autocast_enabled", "autocast_dtype", "is_compiling"]
 
 try:
     torch.is_autocast_enabled("cpu")
@@ -27,3 +27,11 @@ def autocast_dtype(device_type: str) -> torch.dtype:
     if device_type == "cpu":
         return torch.get_autocast_cpu_dtype()
     return torch.get_autocast_gpu_dtype()
+
+
+def is_compiling() -> bool:
+    """Whether torch.compile is tracing the running code."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()

@@ -1,10 +1,12 @@
-"""The Tune-mode autograd function: one convolution (or linear map) with a folded
-weight that is computed on the fly and never kept for backward.
+"""The Tune-mode autograd function: one convolution (or linear map) computing
+``bn_eval(op(x, w, b))`` without ever keeping the folded weight for backward.
 
-Forward computes ``w', b'`` from the producer's and the BN's tensors, then one
-convolution. Backward recomputes ``w'`` (weight-sized work), calls the same
-``convolution_backward`` kernel that Deploy mode's autograd uses, and maps the
-gradients of ``w', b'`` back to every tensor that asked for one (PAPER.md):
+The BN's scale ``a`` is per output channel, so it can ride on either side of the
+producer: ``op(x, w * a) = op(x, w) * a`` and ``op^T(G, w * a) = op^T(G * a, w)``.
+Forward and backward each scale whichever is smaller, the weight (early layers,
+large feature maps) or the feature map (deep layers at small batch or
+resolution), then call the kernels Deploy mode's autograd calls. The gradients
+of ``w', b'`` map back to every tensor that asked for one (PAPER.md):
 
     dJ/dw     = a * dJ/dw'
     dJ/db     = a * sum(G)
@@ -22,17 +24,19 @@ Backward is written with differentiable operations, so double backward is right.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from convbn._math.compat import autocast_enabled
+from convbn._math.compat import autocast_enabled, is_compiling
 from convbn._math.folding import (
+    bn_scale,
     cast,
     channel_view,
+    fold_bias,
     fold_dtype,
-    fold_tensors,
     per_channel_dot,
     scale_weight,
 )
@@ -117,20 +121,81 @@ def _autocast_off(device_type: str):
         yield
 
 
+def _out_numel(spec: OpSpec, x_shape: torch.Size, weight: Tensor) -> int:
+    """How many elements the producer's output has, from the shapes alone."""
+    if spec.linear:
+        return math.prod(x_shape[:-1]) * weight.shape[0]
+    k = weight.shape[2:]
+    if spec.transposed:
+        channels = weight.shape[1] * spec.groups
+        sizes = [
+            (i - 1) * s - 2 * p + d * (kk - 1) + op + 1
+            for i, s, p, d, kk, op in zip(
+                x_shape[2:], spec.stride, spec.padding, spec.dilation, k, spec.output_padding
+            )
+        ]
+    else:
+        channels = weight.shape[0]
+        sizes = [
+            (i + 2 * p - d * (kk - 1) - 1) // s + 1
+            for i, s, p, d, kk in zip(x_shape[2:], spec.stride, spec.padding, spec.dilation, k)
+        ]
+    return x_shape[0] * channels * math.prod(sizes)
+
+
+def _out_view(per_channel: Tensor, spec: OpSpec, ndim: int) -> Tensor:
+    """A per-output-channel vector shaped to broadcast against the producer's output."""
+    if spec.linear:
+        return per_channel
+    return per_channel.view((1, -1) + (1,) * (ndim - 2))
+
+
+def _scale_feature_map(spec: OpSpec, numel: int, weight: Tensor, dtype, x_dtype) -> bool:
+    """Whether to scale the (smaller) feature map per channel instead of the weight.
+
+    ``op(x, w * a) = op(x, w) * a`` and ``op^T(G, w * a) = op^T(G * a, w)`` (the scale
+    is per output channel), so either tensor can carry the scale; scaling the one
+    with fewer elements is the cheaper pass. Deep layers at small batch and
+    resolution have far fewer output elements than weight elements. Only without
+    a dtype change: under autocast the weight must be folded in float32 first.
+    """
+    return dtype == x_dtype and weight.dtype == x_dtype and numel < weight.numel()
+
+
 def _forward(x, weight, bias, running_mean, running_var, gamma, beta, eps, spec, dtype):
-    w_f, b_f = fold_tensors(
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        eps,
-        gamma,
-        beta,
-        transposed=spec.transposed,
-        groups=spec.groups,
-        dtype=dtype,
-    )
+    scale = bn_scale(running_var, eps, gamma, dtype)
+    b_f = fold_bias(bias, running_mean, scale, beta, dtype)
+    if _scale_feature_map(spec, _out_numel(spec, x.shape, weight), weight, dtype, x.dtype):
+        out = apply_op(spec, x, weight, None)
+        # out = out * a + b', in place: ``out`` is ours alone.
+        return torch.addcmul(
+            _out_view(b_f, spec, out.dim()), out, _out_view(scale, spec, out.dim()), out=out
+        )
+    w_f = scale_weight(cast(weight, dtype), scale, spec.transposed, spec.groups)
     return apply_op(spec, x, cast(w_f, x.dtype), cast(b_f, x.dtype))
+
+
+def _reduce_to_channels(grad_out: Tensor, spec: OpSpec) -> Tensor:
+    """``sum(G)`` over everything but the output channel."""
+    if spec.linear:
+        return grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return grad_out.sum([d for d in range(grad_out.dim()) if d != 1])
+
+
+def _can_divide(scale: Tensor) -> bool:
+    """Whether ``t * a / a`` gives ``t`` back to rounding, for every channel's ``a``.
+
+    Not for ``a = 0`` (a zero-initialised gamma), nor for ``|a|`` so small that
+    ``t * a`` could fall into the subnormal range. Only on the CPU, where reading
+    the answer costs nothing; on an accelerator it would wait for the device at
+    every layer.
+    """
+    if scale.device.type != "cpu" or is_compiling():
+        return False  # under torch.compile the answer would be a data-dependent guard
+    return float(scale.detach().abs().min()) >= _DIVIDE_MIN[scale.dtype]
+
+
+_DIVIDE_MIN = {dtype: torch.finfo(dtype).tiny ** 0.5 for dtype in (torch.float32, torch.float64)}
 
 
 class _TuneFunction(torch.autograd.Function):
@@ -160,7 +225,6 @@ class _TuneFunction(torch.autograd.Function):
         eps, dtype, x_dtype = ctx.eps, ctx.dtype, ctx.x_dtype
         n = ctx.needs_input_grad
         need_scale_grad = n[4] or n[5]
-        mask = [n[0], n[1] or need_scale_grad, any(n[1:7])]
         grads: list[Tensor | None] = [None] * 9
         with _autocast_off(grad_out.device.type):
             # a = gamma / sqrt(var + eps), as bn_scale computes it, keeping 1 / sqrt(var + eps)
@@ -168,19 +232,26 @@ class _TuneFunction(torch.autograd.Function):
             var_eps = cast(running_var, dtype) + eps
             inv_std = torch.rsqrt(var_eps)
             scale = inv_std * cast(gamma, dtype) if gamma is not None else inv_std
-            w_f = cast(
-                scale_weight(cast(weight, dtype), scale, spec.transposed, spec.groups), x_dtype
-            )
-            gx, gw_f, gb_f = _op_backward(spec, cast(grad_out, x_dtype), x, ctx.x_shape, w_f, mask)
-            del w_f
-            grads[0] = gx
-            if gw_f is not None:
-                gw_f = cast(gw_f, dtype)
-            if gb_f is not None:
-                gb_f = cast(gb_f, dtype)
+            grad_out = cast(grad_out, x_dtype)
+            if _scale_feature_map(spec, grad_out.numel(), weight, dtype, x_dtype):
+                grads[0], gw, gw_f, gb_f = _backward_scaling_grad(
+                    ctx, grad_out, x, weight, scale, need_scale_grad
+                )
+            else:
+                grads[0], gw, gw_f, gb_f = _backward_refolding(
+                    ctx, grad_out, x, weight, scale, need_scale_grad
+                )
+            # Here gb_f = dJ/db' and either gw_f = dJ/dw' or gw = dJ/dw = a * dJ/dw'.
             if need_scale_grad:
                 mean = cast(running_mean, dtype)
-                g_scale = per_channel_dot(gw_f, cast(weight, dtype), spec.transposed, spec.groups)
+                if gw_f is not None:
+                    g_scale = per_channel_dot(
+                        gw_f, cast(weight, dtype), spec.transposed, spec.groups
+                    )
+                else:
+                    # sum(dJ/dw' * w) = sum(dJ/dw * w) / a: _can_divide said a allows it.
+                    g_scale = per_channel_dot(gw, cast(weight, dtype), spec.transposed, spec.groups)
+                    g_scale = g_scale / scale
                 # g_scale += gb_f * (b - mu), one fused kernel
                 if bias is None:
                     g_scale = torch.addcmul(g_scale, gb_f, mean, value=-1)
@@ -191,11 +262,12 @@ class _TuneFunction(torch.autograd.Function):
                 if n[5]:
                     grads[5] = cast(g_scale * inv_std, gamma.dtype)
             if n[1]:
-                if torch.is_grad_enabled() or spec.transposed:
-                    gw = scale_weight(gw_f, scale, spec.transposed, spec.groups)
-                else:
-                    # gw_f is ours alone: scale it in place, one weight-sized buffer fewer.
-                    gw = gw_f.mul_(channel_view(scale, gw_f, False, 1))
+                if gw is None:
+                    if torch.is_grad_enabled() or spec.transposed:
+                        gw = scale_weight(gw_f, scale, spec.transposed, spec.groups)
+                    else:
+                        # gw_f is ours alone: scale it in place, one weight-sized buffer fewer.
+                        gw = gw_f.mul_(channel_view(scale, gw_f, False, 1))
                 grads[1] = cast(gw, weight.dtype)
             if n[2] or n[3]:
                 gb_scaled = gb_f * scale
@@ -206,6 +278,46 @@ class _TuneFunction(torch.autograd.Function):
             if n[6]:
                 grads[6] = cast(gb_f, beta.dtype)
         return tuple(grads)
+
+
+def _backward_refolding(ctx, grad_out, x, weight, scale, need_scale_grad):
+    """Recompute ``w'`` and run Deploy mode's backward with it: ``gx, None, gw_f, gb_f``."""
+    spec: OpSpec = ctx.spec
+    n = ctx.needs_input_grad
+    mask = [n[0], n[1] or need_scale_grad, any(n[1:7])]
+    w_f = cast(
+        scale_weight(cast(weight, ctx.dtype), scale, spec.transposed, spec.groups), ctx.x_dtype
+    )
+    gx, gw_f, gb_f = _op_backward(spec, grad_out, x, ctx.x_shape, w_f, mask)
+    del w_f
+    gw_f = cast(gw_f, ctx.dtype) if gw_f is not None else None
+    gb_f = cast(gb_f, ctx.dtype) if gb_f is not None else None
+    return gx, None, gw_f, gb_f
+
+
+def _backward_scaling_grad(ctx, grad_out, x, weight, scale, need_scale_grad):
+    """Scale ``G`` per channel instead of refolding the weight: ``gx, gw, gw_f, gb_f``.
+
+    ``dJ/dx = op^T(G * a, w)`` and ``dJ/dw = a * dJ/dw' = dJ/dw (G * a)``: with the
+    scaled ``G``, one call gives both, and the weight is neither refolded nor
+    rescaled. ``dJ/da`` needs ``dJ/dw'``: it is ``dJ/dw / a`` when every ``a`` allows
+    the division, else a second call with the unscaled ``G`` gives it.
+    """
+    spec: OpSpec = ctx.spec
+    n = ctx.needs_input_grad
+    want_w = n[1] or need_scale_grad
+    scaled = grad_out * _out_view(scale, spec, grad_out.dim())
+    gw = gw_f = None
+    if want_w and (not need_scale_grad or _can_divide(scale)):
+        gx, gw, _ = _op_backward(spec, scaled, x, ctx.x_shape, weight, [n[0], True, False])
+    else:
+        gx = None
+        if n[0]:
+            gx = _op_backward(spec, scaled, x, ctx.x_shape, weight, [True, False, False])[0]
+        if want_w:
+            gw_f = _op_backward(spec, grad_out, x, ctx.x_shape, weight, [False, True, False])[1]
+    gb_f = _reduce_to_channels(grad_out, spec) if any(n[2:7]) else None
+    return gx, gw, gw_f, gb_f
 
 
 def tune_apply(

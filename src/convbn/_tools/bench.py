@@ -1,29 +1,38 @@
 """``convbn bench``: every mode and existing tool side by side.
 
-Each (model, mode, round) runs in a fresh subprocess (:mod:`convbn._tools.bench_worker`);
-rounds are interleaved (round 1: every mode once, round 2: ...), so that a slow
-period of the machine hits every mode alike. Round 1 also measures the saved bytes
-and writes the output and gradients that the equivalence check compares with Eval's.
+Each (model, mode) runs in a fresh subprocess (:mod:`convbn._tools.bench_worker`)
+that lives for the whole model: all of a model's modes are set up at once, then
+take turns, one at a time, under this process's direction: the warm-up steps,
+then the rounds (round 1: every mode once, round 2: ...; each round starts one
+mode further along, so that no mode always follows the same one), so that a slow
+period of the machine hits every mode alike. At the end each worker reports its
+peak memory and, from the initial weights, the saved bytes and the output and
+gradients that the equivalence check compares with Eval's. While one mode steps,
+the others wait, holding their model in memory (on CUDA, their cached blocks too).
 
 Guarantees: an unknown model, mode, dtype or device is refused (exit status 2)
 before anything runs; a failure of one (model, mode), exception or crash, is a
 record with ``error`` set and loses no other record (exit status 1); results are
 rewritten after every model, so an interrupted run keeps what it finished.
 Outputs: ``<out>/results.json``, ``<out>/results.csv``, ``<out>/bench.png``, and
-``<out>/logs/<model>-<mode>-<round>.log``, the stderr of each failed worker.
+``<out>/logs/<model>-<mode>.log``, the stderr of each failed worker.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import queue
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +45,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda")
 ZOOS = ("paper",)
 WORKER = "convbn._tools.bench_worker"
-# Enough for a compiled detector on two cores; a worker past it counts as failed.
+# Enough for a compiled detector on two cores; a worker that takes longer to answer one
+# command counts as failed.
 WORKER_TIMEOUT_S = 3600
 
 
@@ -94,9 +104,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile every mode")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per round (default 2)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per round (default 1)")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
+    p.add_argument(
+        "--steps", type=int, default=1, help="timed steps per mode per round (default 1)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed steps per mode before the rounds (default 1)"
+    )
     p.add_argument(
         "--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated: {', '.join(MODES)}"
     )
@@ -107,7 +121,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--jobs",
         type=int,
         default=1,
-        help="workers run at once (default 1; more is faster, but step times and peaks "
+        help="modes stepped at once (default 1; more is faster, but step times "
         "then disturb each other: for smoke tests)",
     )
     p.add_argument("--seed", type=int, default=0)
@@ -210,63 +224,175 @@ class _Progress:
             self.bar.close()
 
 
-def _run_worker(spec: dict[str, Any], folder: Path, tag: str, log_dir: Path) -> dict[str, Any]:
-    """Run one worker; its result, or an ``error`` when it crashed or timed out. The
-    stderr of a failed worker is kept in ``log_dir/<tag>.log``."""
-    spec_path = folder / f"{tag}.spec.json"
-    result_path = Path(spec["result_path"])
-    spec_path.write_text(json.dumps(spec))
-    try:
-        proc = subprocess.run(
+class _Worker:
+    """One worker process and its command channel (see :mod:`convbn._tools.bench_worker`)."""
+
+    def __init__(self, spec: dict[str, Any], folder: Path, tag: str):
+        spec_path = folder / f"{tag}.spec.json"
+        spec_path.write_text(json.dumps(spec))
+        self.tag = tag
+        self.stderr_path = folder / f"{tag}.stderr"
+        self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
             [sys.executable, "-m", WORKER, str(spec_path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
             text=True,
-            timeout=WORKER_TIMEOUT_S,
         )
-    except subprocess.TimeoutExpired:
-        return {"error": f"worker timed out after {WORKER_TIMEOUT_S} s"}
-    result = None
-    if result_path.exists():
-        result = json.loads(result_path.read_text())
-        result_path.unlink()
-    else:
-        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])[-300:]
-        result = {"error": f"worker crashed (exit status {proc.returncode}): {tail}"}
-    if result.get("error") or result.get("check_error"):
-        # The traceback, for whoever reads the error column.
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / f"{tag}.log").write_text(proc.stderr)
-    return result
+        self._replies: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.alive = True
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._replies.put(line)
+        self._replies.put(None)
+
+    def ask(self, command: dict[str, Any] | None) -> dict[str, Any]:
+        """Send ``command`` (None: only wait for the next answer) and return the answer;
+        ``{"error": ...}`` when the worker failed, crashed or did not answer in time."""
+        if not self.alive:
+            return {"error": "worker no longer running"}
+        try:
+            if command is not None:
+                self.proc.stdin.write(json.dumps(command) + "\n")
+                self.proc.stdin.flush()
+            line = self._replies.get(timeout=WORKER_TIMEOUT_S)
+        except queue.Empty:
+            self.close()
+            return {"error": f"worker did not answer within {WORKER_TIMEOUT_S} s"}
+        except OSError:  # the pipe broke: the process is gone
+            line = None
+        if line is None:
+            status = self.proc.wait()
+            self.close()
+            tail = " | ".join(self.stderr().strip().splitlines()[-3:])[-300:]
+            return {"error": f"worker crashed (exit status {status}): {tail}"}
+        answer = json.loads(line)
+        if answer.get("error"):
+            self.close()
+        return answer
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.alive:
+            self.alive = False
+            if self.proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+                try:
+                    self.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self._stderr.close()
 
 
-def _worker_spec(
-    plan: Plan, model: str, mode: str, folder: Path, check: Path | None
-) -> dict[str, Any]:
+def _each(workers: dict[str, _Worker], modes: list[str], command, jobs: int) -> dict[str, Any]:
+    """``command(mode)`` sent to each of ``modes``' live workers, ``jobs`` at a time."""
+    live = [m for m in modes if workers[m].alive]
+    if jobs <= 1:
+        return {m: workers[m].ask(command(m)) for m in live}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {m: pool.submit(workers[m].ask, command(m)) for m in live}
+        return {m: f.result() for m, f in futures.items()}
+
+
+def _run_model(
+    plan: Plan, info: Any, runnable: list[str], folder: Path, checks: dict[str, Path],
+    log_dir: Path, progress: _Progress,
+) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+    """Every mode of one model, interleaved; per mode, its rounds as ``aggregate`` reads them."""
+    workers = {
+        mode: _Worker(
+            _worker_spec(plan, info.name, mode, checks[mode]), folder, _tag(info.name, mode)
+        )
+        for mode in runnable
+    }
+    state: dict[str, dict[str, Any]] = {mode: {} for mode in runnable}
+    rounds: dict[str, list[float]] = {mode: [] for mode in runnable}
+    errors: dict[str, str] = {}
+
+    def take(mode: str, answer: dict[str, Any]) -> bool:
+        if answer.get("error"):
+            errors.setdefault(mode, answer["error"])
+            return False
+        return True
+
+    try:
+        for mode in runnable:  # they start together; wait for each to be ready
+            answer = workers[mode].ask(None)
+            if take(mode, answer):
+                state[mode].update(pairs=answer.get("pairs"), note=answer.get("note", ""))
+            progress.step(f"{info.name} {mode} ready")
+        # Warm-up, one mode at a time (a compiled mode compiles here, timed alone).
+        for mode in runnable:
+            compiled = mode in COMPILED_MODES or plan.compile
+            # A second untimed step for compiled code: recompilations happen there.
+            warmup = max(plan.warmup, 2) if compiled else plan.warmup
+            if warmup and workers[mode].alive:
+                answer = workers[mode].ask({"cmd": "steps", "n": warmup})
+                if take(mode, answer):
+                    state[mode]["first_step_s"] = answer["times"][0]
+        for round_ in range(plan.rounds):
+            shift = round_ % len(runnable)
+            order = runnable[shift:] + runnable[:shift]
+            answers = _each(workers, order, lambda m: {"cmd": "steps", "n": plan.steps}, plan.jobs)
+            for mode in order:
+                if mode in answers and take(mode, answers[mode]):
+                    times = answers[mode]["times"]
+                    state[mode].setdefault("first_step_s", times[0])
+                    rounds[mode].append(statistics.median(times))
+                progress.step(f"{info.name} {mode} round {round_ + 1}")
+        for mode in runnable:
+            if workers[mode].alive:
+                answer = workers[mode].ask({"cmd": "finish"})
+                if take(mode, answer):
+                    state[mode].update(answer)
+            progress.step(f"{info.name} {mode} finished")
+    finally:
+        for mode, worker in workers.items():
+            worker.close()
+            if mode in errors or state[mode].get("check_error"):
+                # The traceback, for whoever reads the error column.
+                log_dir.mkdir(parents=True, exist_ok=True)
+                (log_dir / f"{worker.tag}.log").write_text(worker.stderr_path.read_text())
+    results: dict[str, list[dict[str, Any]]] = {}
+    for mode in runnable:
+        steps = rounds[mode]
+        per_round = [dict(state[mode], step_s=steps[0] if steps else None)]
+        per_round += [{"step_s": x} for x in steps[1:]]
+        if mode in errors:
+            if not steps:
+                per_round = []
+            per_round.append({"error": errors[mode]})
+        results[mode] = per_round
+    return results
+
+
+def _worker_spec(plan: Plan, model: str, mode: str, check: Path | None) -> dict[str, Any]:
     """The :class:`~convbn._tools.bench_worker.WorkerSpec` fields of one run."""
-    compiled = mode in COMPILED_MODES or plan.compile
     return {
         "model": model,
         "mode": mode,
         "batch": plan.batch,
         "size": plan.size,
-        "result_path": str(folder / f"{mode}.result.json"),
         "check_path": str(check) if check is not None else None,
         "dtype": plan.dtype,
         "device": plan.device,
         "channels_last": plan.channels_last,
         "compile": plan.compile,
-        # A second untimed step for compiled code: recompilations happen there.
-        "warmup": max(plan.warmup, 2) if compiled else plan.warmup,
-        "steps": plan.steps,
         "seed": plan.seed,
         "threads": plan.threads,
     }
 
 
-def _tag(model: str, mode: str, round_: int) -> str:
+def _tag(model: str, mode: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
-    return f"{safe}-{mode}-{round_ + 1}"
+    return f"{safe}-{mode}"
 
 
 def _loadavg() -> str | None:
@@ -294,7 +420,7 @@ def run_plan(plan: Plan, argv: list[str]) -> int:
     runnable = [m for m in plan.modes if unavailable(m) is None]
     log_dir = plan.out / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)  # ours: the failures of an earlier run
-    progress = _Progress(len(plan.models) * plan.rounds * len(runnable))
+    progress = _Progress(len(plan.models) * (plan.rounds + 2) * len(runnable))
     records: list[Record] = []
     with tempfile.TemporaryDirectory(prefix="convbn-bench-") as tmp:
         folder = Path(tmp)
@@ -314,28 +440,8 @@ def run_plan(plan: Plan, argv: list[str]) -> int:
                 )
                 for mode in plan.modes
             }
-            results: dict[str, list[dict[str, Any]]] = {m: [] for m in runnable}
             checks = {m: folder / f"{len(records)}-{m}.check.pt" for m in runnable}
-            for round_ in range(plan.rounds):
-                specs = {}
-                for mode in runnable:
-                    label = f"{info.name} {mode} round {round_ + 1}"
-                    if round_ > 0 and (not results[mode] or results[mode][0].get("error")):
-                        progress.step(label + " (skipped: round 1 failed)")
-                        continue
-                    check = checks[mode] if round_ == 0 else None
-                    specs[mode] = _worker_spec(plan, info.name, mode, folder, check)
-                with ThreadPoolExecutor(max_workers=plan.jobs) as pool:
-                    futures = {
-                        pool.submit(
-                            _run_worker, spec, folder, _tag(info.name, mode, round_), log_dir
-                        ): mode
-                        for mode, spec in specs.items()
-                    }
-                    for future in as_completed(futures):
-                        mode = futures[future]
-                        results[mode].append(future.result())
-                        progress.step(f"{info.name} {mode} round {round_ + 1}")
+            results = _run_model(plan, info, runnable, folder, checks, log_dir, progress)
             for mode in runnable:
                 aggregate(model_records[mode], results[mode])
             compare_with_eval(list(model_records.values()), checks)

@@ -296,6 +296,15 @@ def _verdict(value: float, target: float) -> str:
     return f"target <= {target}: {'met' if value <= target else 'MISSED'}"
 
 
+def _spread(a: Record, b: Record) -> str:
+    """The range of the per-round ratios ``a / b`` (the rounds are interleaved, so
+    round k of both was measured at about the same time): how far the noise goes."""
+    if len(a.step_s_rounds) < 2 or len(a.step_s_rounds) != len(b.step_s_rounds):
+        return ""
+    ratios = [x / y for x, y in zip(a.step_s_rounds, b.step_s_rounds) if y]
+    return f" [rounds {min(ratios):.2f}-{max(ratios):.2f}]" if ratios else ""
+
+
 def format_summary(records: list[Record]) -> str:
     """Tune against Deploy, tune-paper, inductor and Eval, per model, with the targets."""
     lines = []
@@ -325,10 +334,17 @@ def format_summary(records: list[Record]) -> str:
                 if model == TARGET_STEP_VS_EVAL_MODEL
                 else f"the {TARGET_STEP_VS_EVAL} target is set for {TARGET_STEP_VS_EVAL_MODEL}"
             )
-            parts.append(f"step tune/eval {step:.3f} ({verdict})")
+            parts.append(f"step tune/eval {step:.3f}{_spread(tune, eval_)} ({verdict})")
         step = _ratio(tune.step_s, deploy.step_s) if deploy else None
         if step is not None:
-            parts.append(f"step tune/deploy {step:.3f} ({_verdict(step, TARGET_STEP_VS_DEPLOY)})")
+            verdict = _verdict(step, TARGET_STEP_VS_DEPLOY)
+            parts.append(f"step tune/deploy {step:.3f}{_spread(tune, deploy)} ({verdict})")
+        step = _ratio(deploy.step_s, eval_.step_s) if deploy and eval_ else None
+        if step is not None:
+            parts.append(
+                f"step deploy/eval {step:.3f}{_spread(deploy, eval_)} (no BN at all: "
+                "the floor of tune/eval, as Tune runs Deploy's convolutions)"
+            )
         for other in ("tune-paper", "inductor"):
             ratio = _ratio(tune.step_s, modes[other].step_s) if other in modes else None
             if ratio is not None:
@@ -391,7 +407,8 @@ def plot(records: list[Record], path: Path, title: str) -> bool:
             ax.axhline(1.0, color="black", linewidth=0.6)
         ax.set_xticks(range(len(models)))
         ax.set_xticklabels(models, rotation=30 if len(models) > 4 else 0, ha="right", fontsize=8)
-    axes[0, 0].legend(ncol=len(modes), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0))
+    if modes:  # nothing to label when every run failed
+        axes[0, 0].legend(ncol=len(modes), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,23 @@
-"""One benchmark run: one model in one mode, in a process of its own.
+"""One model in one mode, in a process of its own, for the whole benchmark run.
 
 ``python -m convbn._tools.bench_worker SPEC.json`` reads a :class:`WorkerSpec` (as JSON),
-and always writes a JSON result to ``spec.result_path`` (``error`` set when something
-failed), unless the process itself dies.
+sets the model up, then serves the parent's commands, one JSON object per line on
+stdin, answering each with one JSON line on the reply channel (the original stdout;
+anything else the process prints goes to stderr):
 
-In order:
+- at start, after building the model (seeded), its inputs, putting it in the mode,
+  snapshotting its tensors and reading the memory baseline: ``{"ready": true, ...}``;
+- ``{"cmd": "steps", "n": N}``: N training steps (forward, backward, SGD with
+  momentum), answered with each step's wall time;
+- ``{"cmd": "finish"}``: the peak memory over all steps, then, when ``check_path``
+  is set, the snapshot is put back and one forward + backward on the check input
+  counts the bytes autograd saves (``saved_bytes``) and writes the output and the
+  parameter gradients (named as in the Eval model) for the parent's equivalence
+  check; answered with the :class:`WorkerResult`, after which the process exits.
 
-1. build the model (seeded), its inputs, put it in the mode; snapshot its tensors;
-2. read the memory baseline, reset the peak;
-3. ``warmup`` untimed then ``steps`` timed training steps (forward, backward, SGD
-   with momentum), each step's wall time; the peak memory over them;
-4. when ``check_path`` is set: put the snapshot back, and run one forward + backward
-   on the check input that counts the bytes autograd saves (``saved_bytes``) and
-   writes the output and the parameter gradients (named as in the Eval model) for
-   the parent's equivalence check.
+A failure answers ``{"error": ...}`` (traceback on stderr) and ends the process.
+The parent (``convbn._tools.bench``) keeps every mode's worker alive and takes
+turns between them, so the rounds interleave without a process start per round.
 """
 
 from __future__ import annotations
@@ -21,18 +25,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, TextIO
 
 import torch
 from torch import Tensor
 
-__all__ = ["WorkerSpec", "run", "main"]
+__all__ = ["WorkerSpec", "Session", "serve", "main"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR = 1e-4
@@ -45,24 +48,20 @@ class WorkerSpec:
     mode: str
     batch: int
     size: int | None
-    result_path: str
     check_path: str | None = None
     dtype: str = "fp32"
     device: str = "cpu"
     channels_last: bool = False
     compile: bool = False
-    warmup: int = 1
-    steps: int = 2
     seed: int = 0
     threads: int | None = None
 
 
 @dataclass
 class WorkerResult:
+    """What ``finish`` answers (the step times went out with each ``steps``)."""
+
     error: str | None = None
-    step_times: list[float] = field(default_factory=list)
-    step_s: float | None = None
-    first_step_s: float | None = None
     peak_bytes: int | None = None
     peak_method: str = ""
     saved_bytes: int | None = None
@@ -151,84 +150,97 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(spec: WorkerSpec) -> WorkerResult:
-    """Do the run described by ``spec``; exceptions propagate (``main`` records them)."""
-    from convbn._tools.bench_models import Loss, build_model, make_batch, resolve
-    from convbn._tools.bench_modes import apply_mode
+class Session:
+    """The model of one (model, mode) and its training step, between commands."""
 
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    result = WorkerResult(threads=torch.get_num_threads())
-    device = torch.device(spec.device)
-    info = resolve(spec.model, spec.size)
-    result.note = info.note
-    model = build_model(info, spec.seed)
-    args, returns_losses = make_batch(info, spec.batch, spec.seed)
-    memory_format = None
-    if spec.channels_last:
-        memory_format = torch.channels_last_3d if info.kind == "video" else torch.channels_last
-    model = model.to(device)
-    if memory_format is not None:
-        model = model.to(memory_format=memory_format)
-    args = _to_device(args, device, memory_format)
-    loss_fn = Loss(returns_losses, spec.seed)
+    def __init__(self, spec: WorkerSpec):
+        from convbn._tools.bench_models import Loss, build_model, make_batch, resolve
+        from convbn._tools.bench_modes import apply_mode
 
-    # Parameter names of the Eval model, for the gradients of the equivalence check.
-    eval_params = {id(p): (name, p) for name, p in model.named_parameters()}
-    prepared = apply_mode(model, spec.mode, spec.compile)
-    result.pairs = prepared.pairs
-    grad_names = {
-        id(p): eval_params[id(p)][0]
-        for p in prepared.model.parameters()
-        if id(p) in eval_params and eval_params[id(p)][1] is p
-    }
-    del eval_params
-    module = prepared.module
-    params = [p for p in prepared.model.parameters() if p.requires_grad]
-    snapshot = []
-    if spec.check_path:
-        snapshot = [
-            (t, t.detach().clone())
-            for t in list(prepared.model.parameters()) + list(prepared.model.buffers())
-        ]
-    autocast = torch.autocast(device.type, dtype=DTYPES[spec.dtype], enabled=spec.dtype != "fp32")
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        result = self.result = WorkerResult(threads=torch.get_num_threads())
+        device = self.device = torch.device(spec.device)
+        info = resolve(spec.model, spec.size)
+        result.note = info.note
+        model = build_model(info, spec.seed)
+        args, returns_losses = make_batch(info, spec.batch, spec.seed)
+        memory_format = None
+        if spec.channels_last:
+            memory_format = torch.channels_last_3d if info.kind == "video" else torch.channels_last
+        model = model.to(device)
+        if memory_format is not None:
+            model = model.to(memory_format=memory_format)
+        args = _to_device(args, device, memory_format)
+        self.loss_fn = Loss(returns_losses, spec.seed)
+        # Parameter names of the Eval model, for the gradients of the equivalence check.
+        eval_params = {id(p): (name, p) for name, p in model.named_parameters()}
+        prepared = self.prepared = apply_mode(model, spec.mode, spec.compile)
+        result.pairs = prepared.pairs
+        self.grad_names = {
+            id(p): eval_params[id(p)][0]
+            for p in prepared.model.parameters()
+            if id(p) in eval_params and eval_params[id(p)][1] is p
+        }
+        del eval_params
+        module = prepared.module
+        self.params = [p for p in prepared.model.parameters() if p.requires_grad]
+        self.snapshot = []
+        if spec.check_path:
+            self.snapshot = [
+                (t, t.detach().clone())
+                for t in list(prepared.model.parameters()) + list(prepared.model.buffers())
+            ]
+        autocast = torch.autocast(
+            device.type, dtype=DTYPES[spec.dtype], enabled=spec.dtype != "fp32"
+        )
 
-    def forward() -> Any:
-        with autocast:
-            return module(*args)
+        def forward() -> Any:
+            with autocast:
+                return module(*args)
 
-    optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
-    memory = _PeakMemory(device)
-    result.peak_method = memory.method
-    for i in range(spec.warmup + spec.steps):
-        _sync(device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(forward())
-        loss.backward()
-        optimizer.step()
-        del loss
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        if i == 0:
-            result.first_step_s = elapsed
-        if i >= spec.warmup:
-            result.step_times.append(elapsed)
-    result.peak_bytes = memory.peak()
-    if result.step_times:
-        result.step_s = statistics.median(result.step_times)
-    del optimizer
+        self.forward = forward
+        self.optimizer = torch.optim.SGD(self.params, lr=LR, momentum=MOMENTUM)
+        self.memory = _PeakMemory(device)
+        result.peak_method = self.memory.method
 
-    if spec.check_path:
-        try:
-            result.saved_bytes = _check(
-                spec, prepared, snapshot, params, grad_names, forward, loss_fn
-            )
-        except Exception as e:
-            # The timings stand; only the check is lost.
-            traceback.print_exc()
-            result.check_error = _describe(e)
-    return result
+    def steps(self, n: int) -> list[float]:
+        """``n`` training steps; the wall time of each."""
+        times = []
+        for _ in range(n):
+            _sync(self.device)
+            start = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.forward())
+            loss.backward()
+            self.optimizer.step()
+            del loss
+            _sync(self.device)
+            times.append(time.perf_counter() - start)
+        return times
+
+    def finish(self) -> WorkerResult:
+        """The peak memory over every step, then the check (when asked for)."""
+        result = self.result
+        result.peak_bytes = self.memory.peak()
+        del self.optimizer
+        if self.spec.check_path:
+            try:
+                result.saved_bytes = _check(
+                    self.spec,
+                    self.prepared,
+                    self.snapshot,
+                    self.params,
+                    self.grad_names,
+                    self.forward,
+                    self.loss_fn,
+                )
+            except Exception as e:
+                # The timings stand; only the check is lost.
+                traceback.print_exc()
+                result.check_error = _describe(e)
+        return result
 
 
 def _check(spec, prepared, snapshot, params, grad_names, forward, loss_fn) -> int:
@@ -276,6 +288,31 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+def serve(spec: WorkerSpec, commands: TextIO, replies: TextIO) -> int:
+    """Set up, then answer ``commands`` until ``finish``, end of input or a failure."""
+
+    def reply(obj: dict[str, Any]) -> None:
+        replies.write(json.dumps(obj) + "\n")
+        replies.flush()
+
+    try:
+        session = Session(spec)
+        reply({"ready": True, "pairs": session.result.pairs, "note": session.result.note})
+        for line in commands:
+            command = json.loads(line)
+            if command["cmd"] == "steps":
+                reply({"times": session.steps(int(command["n"]))})
+            elif command["cmd"] == "finish":
+                reply(asdict(session.finish()))
+                return 0
+            else:
+                raise ValueError(f"unknown command {command!r}")
+    except Exception as e:
+        traceback.print_exc()
+        reply({"error": _describe(e)})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
@@ -283,14 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with open(argv[0]) as f:
         spec = WorkerSpec(**json.load(f))
-    try:
-        result = run(spec)
-    except Exception as e:
-        traceback.print_exc()
-        result = WorkerResult(error=_describe(e))
-    with open(spec.result_path, "w") as f:
-        json.dump(asdict(result), f)
-    return 0
+    # Replies on the original stdout; whatever the model or a library prints (Python or
+    # C level) goes to stderr instead, so it cannot be mistaken for a reply.
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return serve(spec, sys.stdin, replies)
 
 
 if __name__ == "__main__":
