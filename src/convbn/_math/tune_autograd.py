@@ -244,13 +244,10 @@ class _TuneFunction(torch.autograd.Function):
             # Here gb_f = dJ/db' and either gw_f = dJ/dw' or gw = dJ/dw = a * dJ/dw'.
             if need_scale_grad:
                 mean = cast(running_mean, dtype)
-                if gw_f is not None:
-                    g_scale = per_channel_dot(
-                        gw_f, cast(weight, dtype), spec.transposed, spec.groups
-                    )
-                else:
+                g_w = gw_f if gw_f is not None else gw
+                g_scale = per_channel_dot(g_w, cast(weight, dtype), spec.transposed, spec.groups)
+                if gw_f is None:
                     # sum(dJ/dw' * w) = sum(dJ/dw * w) / a: _can_divide said a allows it.
-                    g_scale = per_channel_dot(gw, cast(weight, dtype), spec.transposed, spec.groups)
                     g_scale = g_scale / scale
                 # g_scale += gb_f * (b - mu), one fused kernel
                 if bias is None:
@@ -306,13 +303,13 @@ def _backward_scaling_grad(ctx, grad_out, x, weight, scale, need_scale_grad):
     spec: OpSpec = ctx.spec
     n = ctx.needs_input_grad
     want_w = n[1] or need_scale_grad
-    scaled = grad_out * _out_view(scale, spec, grad_out.dim())
-    gw = gw_f = None
+    gx = gw = gw_f = None
     if want_w and (not need_scale_grad or _can_divide(scale)):
+        scaled = grad_out * _out_view(scale, spec, grad_out.dim())
         gx, gw, _ = _op_backward(spec, scaled, x, ctx.x_shape, weight, [n[0], True, False])
     else:
-        gx = None
         if n[0]:
+            scaled = grad_out * _out_view(scale, spec, grad_out.dim())
             gx = _op_backward(spec, scaled, x, ctx.x_shape, weight, [True, False, False])[0]
         if want_w:
             gw_f = _op_backward(spec, grad_out, x, ctx.x_shape, weight, [False, True, False])[1]

@@ -291,13 +291,15 @@ class _Worker:
             self._stderr.close()
 
 
-def _each(workers: dict[str, _Worker], modes: list[str], command, jobs: int) -> dict[str, Any]:
-    """``command(mode)`` sent to each of ``modes``' live workers, ``jobs`` at a time."""
+def _each(
+    workers: dict[str, _Worker], modes: list[str], command: dict[str, Any], jobs: int
+) -> dict[str, Any]:
+    """``command`` sent to each of ``modes``' live workers, ``jobs`` at a time."""
     live = [m for m in modes if workers[m].alive]
     if jobs <= 1:
-        return {m: workers[m].ask(command(m)) for m in live}
+        return {m: workers[m].ask(command) for m in live}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {m: pool.submit(workers[m].ask, command(m)) for m in live}
+        futures = {m: pool.submit(workers[m].ask, command) for m in live}
         return {m: f.result() for m, f in futures.items()}
 
 
@@ -340,7 +342,7 @@ def _run_model(
         for round_ in range(plan.rounds):
             shift = round_ % len(runnable)
             order = runnable[shift:] + runnable[:shift]
-            answers = _each(workers, order, lambda m: {"cmd": "steps", "n": plan.steps}, plan.jobs)
+            answers = _each(workers, order, {"cmd": "steps", "n": plan.steps}, plan.jobs)
             for mode in order:
                 if mode in answers and take(mode, answers[mode]):
                     times = answers[mode]["times"]
@@ -359,7 +361,7 @@ def _run_model(
             if mode in errors or state[mode].get("check_error"):
                 # The traceback, for whoever reads the error column.
                 log_dir.mkdir(parents=True, exist_ok=True)
-                (log_dir / f"{worker.tag}.log").write_text(worker.stderr_path.read_text())
+                (log_dir / f"{worker.tag}.log").write_text(worker.stderr())
     results: dict[str, list[dict[str, Any]]] = {}
     for mode in runnable:
         steps = rounds[mode]
