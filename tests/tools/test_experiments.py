@@ -222,6 +222,22 @@ def _run(tmp_path, *argv):
     return json.loads((tmp_path / f"{argv[0]}.json").read_text())
 
 
+def test_transfer_tune_equals_eval_in_float64():
+    """The transfer run's core claim, kept in `make test` while the whole `--quick` command
+    (84 s here) runs in `make test-slow`: Tune's losses are Eval's to rounding in float64."""
+    _need_mobilenet()
+    from convbn._tools.experiments import transfer
+
+    kw = {"seeds": [0], "batch_size": 16, "limit": 64, "max_steps": 3, "measure": False}
+    e64 = transfer.train_run("mobilenet_v2", "digits", "eval", dtype="float64", **kw)
+    t64 = transfer.train_run("mobilenet_v2", "digits", "tune", dtype="float64", **kw)
+    e, t = e64["runs"][0]["losses"], t64["runs"][0]["losses"]
+    assert len(e) == len(t) == 3
+    assert max(abs(a - b) for a, b in zip(e, t)) < 1e-9
+
+
+# The command end to end: in `make test-slow`, to keep `make test` under 10 minutes.
+@pytest.mark.slow
 def test_transfer_quick(tmp_path):
     _need("mlxtend")
     _need_mobilenet()
