@@ -78,3 +78,24 @@ def test_per_channel_dot_and_scale(transposed, groups):
     torch.testing.assert_close(per_channel_dot(a, w, transposed, groups), s.grad)
     scaled = scale_weight(w, scale, transposed, groups)
     torch.testing.assert_close(scale_weight(scaled, 1 / scale, transposed, groups), w)
+
+
+@pytest.mark.parametrize("shape", [(7, 40000), (3, 300000), (300, 1000)])
+def test_per_channel_dot_in_chunks_equals_the_whole_product(shape, monkeypatch):
+    # Above _DOT_CHUNK elements the CPU dot goes a few rows at a time (the last chunk
+    # shorter, or one row wider than a chunk); it must equal the product summed at once.
+    import convbn._math.folding as folding
+
+    real, calls = folding._chunked_rows_dot, []
+    monkeypatch.setattr(folding, "_chunked_rows_dot", lambda a, b: calls.append(1) or real(a, b))
+    a = torch.randn(shape, dtype=torch.float64)
+    b = torch.randn(shape, dtype=torch.float64)
+    expected = (a * b).sum(1)
+    torch.testing.assert_close(per_channel_dot(a, b, False, 1), expected)
+    torch.testing.assert_close(per_channel_dot(a.view(shape[0], 10, -1), b, False, 1), expected)
+    assert len(calls) == 2, "the chunked path was not taken"
+    # With a graph to record (double backward), out= is refused: the whole product is used.
+    calls.clear()
+    got = per_channel_dot(a.requires_grad_(), b, False, 1)
+    assert not calls and got.requires_grad
+    torch.testing.assert_close(got, expected)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,9 @@ def apply_op(spec: OpSpec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Te
     """The producer's computation with the given weight and bias."""
     if spec.linear:
         return torch.nn.functional.linear(x, weight, bias)
-    return torch.ops.aten.convolution(
+    # torch.convolution, not torch.ops.aten.convolution: the same operator without the
+    # Python dispatch of an op packet (about 7 microseconds a call, measured on CPU).
+    return torch.convolution(
         x,
         weight,
         bias,
@@ -171,8 +174,8 @@ def _forward(x, weight, bias, running_mean, running_var, gamma, beta, eps, spec,
         return torch.addcmul(
             _out_view(b_f, spec, out.dim()), out, _out_view(scale, spec, out.dim()), out=out
         )
-    w_f = scale_weight(cast(weight, dtype), scale, spec.transposed, spec.groups)
-    return apply_op(spec, x, cast(w_f, x.dtype), cast(b_f, x.dtype))
+    w_f = _folded_weight(weight, scale, spec, dtype, x.dtype)
+    return apply_op(spec, x, w_f, cast(b_f, x.dtype))
 
 
 def _reduce_to_channels(grad_out: Tensor, spec: OpSpec) -> Tensor:
@@ -196,6 +199,68 @@ def _can_divide(scale: Tensor) -> bool:
 
 
 _DIVIDE_MIN = {dtype: torch.finfo(dtype).tiny ** 0.5 for dtype in (torch.float32, torch.float64)}
+
+
+# ---------------------------------------------------------------- CPU scratch memory
+#
+# Tune's transient tensors (w' in forward and again in backward, G * a in backward) are
+# dead as soon as the convolution that reads them returns. On the CPU each fresh one is
+# a fresh allocation, which glibc's malloc often takes from, and gives back to, the
+# kernel: measured on ResNet-50, batch 8, 224² (one process per mode, 3 steps each),
+# Tune took 86,000-154,000 minor page faults a step against Deploy's 27,000-63,000, and
+# 0.3-0.5 s of system time against 0.07-0.22 s. One buffer per thread and dtype, reused
+# by every pair, removes them. On accelerators the caching allocator already does this.
+
+_SCRATCH = threading.local()
+_SCRATCH_MAX_BYTES = 64 * 2**20  # a larger tensor is allocated as before
+
+
+def _scratch(shape: torch.Size, like: Tensor) -> Tensor | None:
+    """A contiguous tensor of ``shape`` in this thread's scratch buffer, or None.
+
+    None unless ``like`` is on the CPU, no graph is being recorded (the result is
+    overwritten by the next pair, so it must never be saved) and torch.compile is
+    not tracing. The caller must be done with it before anything else asks.
+    """
+    if (
+        like.device.type != "cpu"
+        or torch.is_grad_enabled()
+        or is_compiling()
+        or torch.jit.is_tracing()
+    ):
+        return None
+    numel = math.prod(shape)
+    if numel * like.element_size() > _SCRATCH_MAX_BYTES:
+        return None
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buf = buffers.get(like.dtype)
+    if buf is None or buf.numel() < numel:
+        # Never an inference tensor (one made under inference_mode could not be
+        # written outside it).
+        with torch.inference_mode(False):
+            buf = buffers[like.dtype] = torch.empty(numel, dtype=like.dtype)
+    return buf[:numel].view(shape)
+
+
+def _folded_weight(weight: Tensor, scale: Tensor, spec: OpSpec, dtype, x_dtype) -> Tensor:
+    """``w' = w * a`` in the dtype the producer computes in, in scratch memory when it can."""
+    if weight.dtype == dtype == x_dtype and weight.is_contiguous():
+        out = _scratch(weight.shape, weight)
+        if out is not None:
+            return scale_weight(weight, scale, spec.transposed, spec.groups, out=out)
+    return cast(scale_weight(cast(weight, dtype), scale, spec.transposed, spec.groups), x_dtype)
+
+
+def _scaled_grad(grad_out: Tensor, scale: Tensor, spec: OpSpec) -> Tensor:
+    """``G * a`` per output channel, in scratch memory when it can."""
+    view = _out_view(scale, spec, grad_out.dim())
+    if grad_out.is_contiguous():
+        out = _scratch(grad_out.shape, grad_out)
+        if out is not None:
+            return torch.mul(grad_out, view, out=out)
+    return grad_out * view
 
 
 class _TuneFunction(torch.autograd.Function):
@@ -282,9 +347,7 @@ def _backward_refolding(ctx, grad_out, x, weight, scale, need_scale_grad):
     spec: OpSpec = ctx.spec
     n = ctx.needs_input_grad
     mask = [n[0], n[1] or need_scale_grad, any(n[1:7])]
-    w_f = cast(
-        scale_weight(cast(weight, ctx.dtype), scale, spec.transposed, spec.groups), ctx.x_dtype
-    )
+    w_f = _folded_weight(weight, scale, spec, ctx.dtype, ctx.x_dtype)
     gx, gw_f, gb_f = _op_backward(spec, grad_out, x, ctx.x_shape, w_f, mask)
     del w_f
     gw_f = cast(gw_f, ctx.dtype) if gw_f is not None else None
@@ -298,22 +361,29 @@ def _backward_scaling_grad(ctx, grad_out, x, weight, scale, need_scale_grad):
     ``dJ/dx = op^T(G * a, w)`` and ``dJ/dw = a * dJ/dw' = dJ/dw (G * a)``: with the
     scaled ``G``, one call gives both, and the weight is neither refolded nor
     rescaled. ``dJ/da`` needs ``dJ/dw'``: it is ``dJ/dw / a`` when every ``a`` allows
-    the division, else a second call with the unscaled ``G`` gives it.
+    the division, else a second call with the unscaled ``G`` gives it. Likewise
+    ``sum(G)`` is the same call's bias gradient ``sum(G * a)`` divided by ``a``.
     """
     spec: OpSpec = ctx.spec
     n = ctx.needs_input_grad
     want_w = n[1] or need_scale_grad
+    want_b = any(n[2:7])
     gx = gw = gw_f = None
-    if want_w and (not need_scale_grad or _can_divide(scale)):
-        scaled = grad_out * _out_view(scale, spec, grad_out.dim())
-        gx, gw, _ = _op_backward(spec, scaled, x, ctx.x_shape, weight, [n[0], True, False])
+    divisible = want_w and (need_scale_grad or want_b) and _can_divide(scale)
+    if want_w and (not need_scale_grad or divisible):
+        scaled = _scaled_grad(grad_out, scale, spec)
+        # The same call's bias slot gives sum(G * a) = a * sum(G), fused with dJ/dw.
+        divide = want_b and divisible
+        gx, gw, gb_scaled = _op_backward(spec, scaled, x, ctx.x_shape, weight, [n[0], True, divide])
+        if divide:
+            return gx, gw, None, gb_scaled / scale
     else:
         if n[0]:
-            scaled = grad_out * _out_view(scale, spec, grad_out.dim())
+            scaled = _scaled_grad(grad_out, scale, spec)
             gx = _op_backward(spec, scaled, x, ctx.x_shape, weight, [True, False, False])[0]
         if want_w:
             gw_f = _op_backward(spec, grad_out, x, ctx.x_shape, weight, [False, True, False])[1]
-    gb_f = _reduce_to_channels(grad_out, spec) if any(n[2:7]) else None
+    gb_f = _reduce_to_channels(grad_out, spec) if want_b else None
     return gx, gw, gw_f, gb_f
 
 
