@@ -80,22 +80,13 @@ def test_per_channel_dot_and_scale(transposed, groups):
     torch.testing.assert_close(scale_weight(scaled, 1 / scale, transposed, groups), w)
 
 
-@pytest.mark.parametrize("shape", [(7, 40000), (3, 300000), (300, 1000)])
-def test_per_channel_dot_in_chunks_equals_the_whole_product(shape, monkeypatch):
-    # Above _DOT_CHUNK elements the CPU dot goes a few rows at a time (the last chunk
-    # shorter, or one row wider than a chunk); it must equal the product summed at once.
-    import convbn._math.folding as folding
-
-    real, calls = folding._chunked_rows_dot, []
-    monkeypatch.setattr(folding, "_chunked_rows_dot", lambda a, b: calls.append(1) or real(a, b))
-    a = torch.randn(shape, dtype=torch.float64)
-    b = torch.randn(shape, dtype=torch.float64)
-    expected = (a * b).sum(1)
-    torch.testing.assert_close(per_channel_dot(a, b, False, 1), expected)
-    torch.testing.assert_close(per_channel_dot(a.view(shape[0], 10, -1), b, False, 1), expected)
-    assert len(calls) == 2, "the chunked path was not taken"
-    # With a graph to record (double backward), out= is refused: the whole product is used.
-    calls.clear()
-    got = per_channel_dot(a.requires_grad_(), b, False, 1)
-    assert not calls and got.requires_grad
-    torch.testing.assert_close(got, expected)
+@pytest.mark.parametrize("transposed,groups", [(False, 1), (True, 1), (True, 2)])
+def test_per_channel_dot_into_a_given_buffer(transposed, groups):
+    # Tune hands its scratch buffer over for the product: same result, nothing else written.
+    a = torch.randn(4, 6, 3, dtype=torch.float64)
+    w = torch.randn(4, 6, 3, dtype=torch.float64)
+    buffer = torch.full((4 * 6 * 3 + 5,), 7.0, dtype=torch.float64)
+    got = per_channel_dot(a, w, transposed, groups, out=buffer[:72].view(4, 6, 3))
+    torch.testing.assert_close(got, per_channel_dot(a, w, transposed, groups))
+    torch.testing.assert_close(buffer[:72], (a * w).reshape(-1))
+    assert (buffer[72:] == 7).all()

@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from convbn._math.compat import is_compiling
-
 __all__ = [
     "cast",
     "fold_dtype",
@@ -88,52 +86,27 @@ def scale_weight(
     return scaled.reshape(weight.shape) if transposed else scaled
 
 
-def per_channel_dot(a: Tensor, b: Tensor, transposed: bool, groups: int) -> Tensor:
+def per_channel_dot(
+    a: Tensor, b: Tensor, transposed: bool, groups: int, out: Tensor | None = None
+) -> Tensor:
     """``sum(a * b)`` over everything but the output channel, for weight-shaped ``a``, ``b``.
 
-    Returns shape ``(C_out,)``.
+    Returns shape ``(C_out,)``. ``out``: a contiguous tensor of ``a``'s shape that
+    takes the elementwise product instead of a fresh allocation (not under autograd).
     """
-    if not transposed:
+    if out is not None:
+        product = torch.mul(a, b, out=out)
+    elif not transposed:
         n = a.shape[0]
-        a, b = a.reshape(n, -1), b.reshape(n, -1)
-        if a.numel() <= _DOT_CHUNK or not _may_chunk(a, b):
-            # Measured on CPU: twice as fast as a batched matrix product of the rows.
-            return torch.linalg.vecdot(a, b)
-        return _chunked_rows_dot(a, b)
-    product = _grouped(a * b, transposed, groups)
+        # Measured on CPU: twice as fast as a batched matrix product of the rows.
+        return torch.linalg.vecdot(a.reshape(n, -1), b.reshape(n, -1))
+    else:
+        product = a * b
+    if not transposed:
+        return product.reshape(product.shape[0], -1).sum(1)
+    product = _grouped(product, transposed, groups)
     product = product.reshape(product.shape[0], product.shape[1], product.shape[2], -1)
     return product.sum((1, 3)).reshape(-1)
-
-
-# Rows of a chunk of the CPU dot product: 2^17 elements (512 KiB in float32) stay in a
-# core's L2 cache. Measured on ResNet-50, batch 1, 32², one thread: forward + backward of
-# Tune took 206-214 ms with chunks of 2^16-2^18 elements, 239 ms with 2^19 and 240-262 ms
-# with the whole product at once (a fresh weight-sized buffer, page-faulted on every step).
-_DOT_CHUNK = 1 << 17
-
-
-def _may_chunk(a: Tensor, b: Tensor) -> bool:
-    """Whether the chunked CPU dot applies: it writes with ``out=``, which autograd refuses."""
-    if a.device.type != "cpu" or is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-
-
-def _chunked_rows_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum(1)`` for 2-D ``a``, ``b``, without a product as large as ``a``.
-
-    The product of a few rows at a time goes to one small buffer, so the pass reads
-    each input once and writes nothing weight-sized.
-    """
-    n, k = a.shape
-    rows = max(1, _DOT_CHUNK // k)
-    out = a.new_empty(n)
-    buf = a.new_empty(min(rows, n), k)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        chunk = torch.mul(a[start:stop], b[start:stop], out=buf[: stop - start])
-        torch.sum(chunk, 1, out=out[start:stop])
-    return out
 
 
 def fold_tensors(

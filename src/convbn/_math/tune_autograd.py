@@ -203,8 +203,9 @@ _DIVIDE_MIN = {dtype: torch.finfo(dtype).tiny ** 0.5 for dtype in (torch.float32
 
 # ---------------------------------------------------------------- CPU scratch memory
 #
-# Tune's transient tensors (w' in forward and again in backward, G * a in backward) are
-# dead as soon as the convolution that reads them returns. On the CPU each fresh one is
+# Tune's transient tensors (w' in forward and again in backward, G * a in backward, the
+# product of the per-channel dot for dJ/da) are dead as soon as the kernel that reads
+# them returns. On the CPU each fresh one is
 # a fresh allocation, which glibc's malloc often takes from, and gives back to, the
 # kernel: measured on ResNet-50, batch 8, 224² (one process per mode, 3 steps each),
 # Tune took 86,000-154,000 minor page faults a step against Deploy's 27,000-63,000, and
@@ -310,7 +311,11 @@ class _TuneFunction(torch.autograd.Function):
             if need_scale_grad:
                 mean = cast(running_mean, dtype)
                 g_w = gw_f if gw_f is not None else gw
-                g_scale = per_channel_dot(g_w, cast(weight, dtype), spec.transposed, spec.groups)
+                w = cast(weight, dtype)
+                product = None
+                if g_w.is_contiguous() and g_w.dtype == w.dtype:
+                    product = _scratch(g_w.shape, g_w)
+                g_scale = per_channel_dot(g_w, w, spec.transposed, spec.groups, out=product)
                 if gw_f is None:
                     # sum(dJ/dw' * w) = sum(dJ/dw * w) / a: _can_divide said a allows it.
                     g_scale = g_scale / scale
