@@ -94,6 +94,12 @@ def test_no_scratch_while_a_graph_is_recorded_or_off_the_cpu():
         assert ta._scratch(torch.Size([2, 3]), torch.ones(3, device="meta")) is None
         too_big = ta._SCRATCH_MAX_BYTES // like.element_size() + 1
         assert ta._scratch(torch.Size([too_big]), like) is None
+
+        class Sub(torch.Tensor):
+            pass
+
+        assert ta._scratch(torch.Size([2, 3]), like.as_subclass(Sub)) is None
+        assert ta._scratch(torch.Size([2, 3]), nn.Parameter(like)) is not None
     # Grad mode on: a double backward records the graph, and a recorded tensor must
     # never be overwritten by the next pair.
     assert ta._scratch(torch.Size([2, 3]), like) is None

@@ -205,26 +205,30 @@ _DIVIDE_MIN = {dtype: torch.finfo(dtype).tiny ** 0.5 for dtype in (torch.float32
 #
 # Tune's transient tensors (w' in forward and again in backward, G * a in backward, the
 # product of the per-channel dot for dJ/da) are dead as soon as the kernel that reads
-# them returns. On the CPU each fresh one is
-# a fresh allocation, which glibc's malloc often takes from, and gives back to, the
-# kernel: measured on ResNet-50, batch 8, 224² (one process per mode, 3 steps each),
+# them returns. On the CPU each was a fresh allocation, which glibc's malloc often takes
+# from, and gives back to, the kernel: measured on ResNet-50, batch 8, 224² (one process
+# per mode, 3 steps each),
 # Tune took 86,000-154,000 minor page faults a step against Deploy's 27,000-63,000, and
 # 0.3-0.5 s of system time against 0.07-0.22 s. One buffer per thread and dtype, reused
 # by every pair, removes them. On accelerators the caching allocator already does this.
 
 _SCRATCH = threading.local()
 _SCRATCH_MAX_BYTES = 64 * 2**20  # a larger tensor is allocated as before
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _scratch(shape: torch.Size, like: Tensor) -> Tensor | None:
     """A contiguous tensor of ``shape`` in this thread's scratch buffer, or None.
 
-    None unless ``like`` is on the CPU, no graph is being recorded (the result is
-    overwritten by the next pair, so it must never be saved) and torch.compile is
-    not tracing. The caller must be done with it before anything else asks.
+    None unless ``like`` is a plain tensor (no subclass, whose operations may not
+    accept a plain ``out=``) on the CPU, no graph is being recorded (the result is
+    overwritten by the next pair, so it must never be saved), neither torch.compile
+    nor ``torch.jit.trace`` is tracing, and the tensor takes at most
+    ``_SCRATCH_MAX_BYTES``. The caller must be done with it before anything else asks.
     """
     if (
-        like.device.type != "cpu"
+        type(like) not in _PLAIN
+        or like.device.type != "cpu"
         or torch.is_grad_enabled()
         or is_compiling()
         or torch.jit.is_tracing()
