@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 import torch
 from torch import nn
 
@@ -118,9 +117,9 @@ def test_buffer_made_under_inference_mode_serves_training_after(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("workers", [2])
-def test_threads_have_their_own_buffer(workers):
+def test_threads_have_their_own_buffer():
     # Two threads stepping different pairs at once: shared scratch memory would mix them.
+    workers = 2
     pairs = _pairs()[:2]
     expected = [_tune_and_eval(p, b, s, seed=100 + i) for i, (p, b, s) in enumerate(pairs)]
     errors: list[BaseException] = []
