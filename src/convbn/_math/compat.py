@@ -29,9 +29,17 @@ def autocast_dtype(device_type: str) -> torch.dtype:
     return torch.get_autocast_gpu_dtype()
 
 
-def is_compiling() -> bool:
-    """Whether torch.compile is tracing the running code."""
+def _compiling_query():
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    return torch._dynamo.is_compiling()
+        return compiler.is_compiling
+    return torch._dynamo.is_compiling
+
+
+# Looked up once: Tune asks on every pair, forward and backward.
+_IS_COMPILING = _compiling_query()
+
+
+def is_compiling() -> bool:
+    """Whether torch.compile is tracing the running code."""
+    return _IS_COMPILING()

@@ -207,10 +207,10 @@ _DIVIDE_MIN = {dtype: torch.finfo(dtype).tiny ** 0.5 for dtype in (torch.float32
 # product of the per-channel dot for dJ/da) are dead as soon as the kernel that reads
 # them returns. On the CPU each was a fresh allocation, which glibc's malloc often takes
 # from, and gives back to, the kernel: measured on ResNet-50, batch 8, 224² (one process
-# per mode, 3 steps each),
-# Tune took 86,000-154,000 minor page faults a step against Deploy's 27,000-63,000, and
-# 0.3-0.5 s of system time against 0.07-0.22 s. One buffer per thread and dtype, reused
-# by every pair, removes them. On accelerators the caching allocator already does this.
+# per mode, 3 steps each), Tune took 86,000-154,000 minor page faults a step against
+# Deploy's 27,000-63,000, and 0.3-0.5 s of system time against 0.07-0.22 s. One buffer
+# per thread and dtype, reused by every pair, removes them. On accelerators the caching
+# allocator already does this.
 
 _SCRATCH = threading.local()
 _SCRATCH_MAX_BYTES = 64 * 2**20  # a larger tensor is allocated as before

@@ -45,7 +45,8 @@ class Record:
 
     ``saved_bytes``: bytes autograd keeps for backward in one step (parameters and buffers
     left out), from the initial weights. ``peak_bytes``: peak memory above the baseline
-    over every step of the worker (warm-up and rounds). ``step_s``: median over rounds of each round's median step time.
+    over every step of the worker (warm-up and rounds). ``step_s``: median over rounds
+    of each round's median step time.
     ``out_rel_err`` / ``grad_rel_err``: ``max|a - b| / max|b|`` against Eval (gradients:
     the worst parameter tensor), None when meaningless (``train``, Deploy's gradients)
     or not measured; ``error`` says why a run failed.
