@@ -75,7 +75,7 @@ USER_MODULE = textwrap.dedent(
         return _Counting(1, lambda: (print("a line on stdout"), os.write(1, b"and from C\\n")))
     """
 )
-MODES_RUN = "eval,tune,deploy,train,tune-paper,frozenbn,mmengine"
+MODES_RUN = "eval,tune,deploy,train,tune-paper,frozenbn,tune-conv,mmengine"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -138,6 +138,7 @@ def test_results_structure(run):
     proc, out = run
     data = json.loads((out / "results.json").read_text())
     assert {"torch", "cpu", "torch_threads", "python"} <= set(data["machine"])
+    assert data["machine"]["cpu_pointwise"] is True
     records = data["records"]
     assert len(records) == len(MODES_RUN.split(","))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -154,6 +155,7 @@ def test_results_structure(run):
     assert required <= set(rows[0])
     # The table and the summary are printed; the targets are reported, not assumed.
     assert "saved MiB" in proc.stdout and "tune/deploy" in proc.stdout
+    assert "tune/tune-conv" in proc.stdout
 
 
 def test_tune_memory_and_equivalence(run):
@@ -171,8 +173,11 @@ def test_tune_memory_and_equivalence(run):
     assert ok["tune"]["pairs"] == ok["tune-paper"]["pairs"] == ok["deploy"]["pairs"] > 0
     for mode in ("tune", "deploy", "tune-paper", "frozenbn"):
         assert ok[mode]["out_rel_err"] < 1e-4, mode
-    for mode in ("tune", "tune-paper", "frozenbn"):
+    for mode in ("tune", "tune-paper", "frozenbn", "tune-conv"):
         assert ok[mode]["grad_rel_err"] < 1e-3, mode
+    # tune-conv: the same Tune mode with torch's convolutions for the pointwise producers
+    assert ok["tune-conv"]["saved_bytes"] == tune
+    assert ok["tune-conv"]["out_rel_err"] < 1e-4
     assert ok["deploy"]["grad_rel_err"] is None  # fused parameters mean something else
     assert ok["train"]["out_rel_err"] is None and ok["train"]["grad_rel_err"] is None
     assert ok["eval"]["saved_vs_eval"] == 1.0

@@ -9,6 +9,8 @@ with torchvision's FrozenBatchNorm2d, which never uses batch statistics.
 - ``eval``: BN in eval mode, computed as PyTorch computes it (the reference).
 - ``tune``: ``convbn.tune`` on the ``eval`` model.
 - ``deploy``: ``convbn.fuse`` on the ``eval`` model (BN folded into new producer params).
+- ``tune-conv``: ``tune`` with the CPU pointwise path off (``CONVBN_CPU_POINTWISE=0``):
+  every producer runs torch's own convolution, as in Deploy; shows what the path adds.
 - ``tune-paper``: the paper's formulation: each pair's BN replaced by ``nn.Identity`` and
   its producer wrapped so that it computes ``conv(x, *fold_tensors(...))`` with autograd
   through the fold (the folded weight is kept for backward). Same parameter objects.
@@ -30,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 import convbn
+from convbn._math import pointwise
 from convbn.functional import fold_tensors
 
 __all__ = [
@@ -49,6 +52,7 @@ MODES = (
     "eval",
     "tune",
     "deploy",
+    "tune-conv",
     "tune-paper",
     "inductor",
     "compiled-tune",
@@ -213,7 +217,9 @@ def apply_mode(model: nn.Module, mode: str, compile_model: bool = False) -> Prep
         model.train()
     else:
         freeze_bn(model)
-    if mode in ("tune", "compiled-tune"):
+    if mode == "tune-conv":
+        pointwise.set_enabled(False)  # each (model, mode) runs in its own process
+    if mode in ("tune", "tune-conv", "compiled-tune"):
         convbn.tune(model)
         pairs = len(convbn.report(model).converted)
     elif mode == "deploy":

@@ -166,6 +166,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def machine_info(device: str, threads: int | None = None) -> dict[str, Any]:
     """Versions, threads, CPU model, GPU name and load: what the figures depend on."""
     import convbn
+    from convbn._math import pointwise
 
     cpu = ""
     try:
@@ -186,6 +187,8 @@ def machine_info(device: str, threads: int | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": threads or torch.get_num_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        # Tune's CPU pointwise path (CONVBN_CPU_POINTWISE); the tune-conv mode turns it off.
+        "cpu_pointwise": pointwise.enabled(),
     }
     try:
         with open("/proc/loadavg") as f:
@@ -343,9 +346,23 @@ def format_summary(records: list[Record]) -> str:
         step = _ratio(deploy.step_s, eval_.step_s) if deploy and eval_ else None
         if step is not None:
             parts.append(
-                f"step deploy/eval {step:.3f}{_spread(deploy, eval_)} (no BN at all: "
-                "the floor of tune/eval, as Tune runs Deploy's convolutions)"
+                f"step deploy/eval {step:.3f}{_spread(deploy, eval_)} (no BN at all; Tune runs "
+                "Deploy's convolutions except the CPU pointwise ones, see tune-conv)"
             )
+        conv = modes.get("tune-conv")
+        if conv is not None:
+            step = _ratio(conv.step_s, eval_.step_s) if eval_ else None
+            if step is not None:
+                parts.append(f"step tune-conv/eval {step:.3f}{_spread(conv, eval_)}")
+            step = _ratio(conv.step_s, deploy.step_s) if deploy else None
+            if step is not None:
+                parts.append(f"step tune-conv/deploy {step:.3f}{_spread(conv, deploy)}")
+            step = _ratio(tune.step_s, conv.step_s)
+            if step is not None:
+                parts.append(
+                    f"step tune/tune-conv {step:.3f}{_spread(tune, conv)} "
+                    "(what the CPU pointwise path changes)"
+                )
         for other in ("tune-paper", "inductor"):
             ratio = _ratio(tune.step_s, modes[other].step_s) if other in modes else None
             if ratio is not None:

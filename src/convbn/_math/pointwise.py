@@ -1,0 +1,146 @@
+"""Pointwise convolutions (every kernel size 1, no padding, one group) as matrix products on the CPU.
+
+A pointwise convolution of a contiguous ``(N, C_in, *S)`` input is, per sample, the
+matrix product ``W (C_out, C_in) @ X[n] (C_in, prod(S))``; a stride only subsamples
+``X``. On the CPU, torch hands a contiguous (NCHW) float32 convolution to oneDNN,
+which reorders the input into its blocked layout, computes, and reorders the output
+back; for pointwise convolutions those reorders cost as much as the product itself.
+Measured on a 2-core AMD EPYC (AVX2, torch 2.14.1, 2 threads), ResNet-50 shapes at
+batch 8: the 64 -> 256 expansion at 56x56 took 36-42 ms forward against 10-14 ms as
+a matrix product, the 256 -> 64 input gradient 38-43 ms against 13-16 ms, the strided
+256 -> 512 downsample's input gradient 74-87 ms against 27 ms; at 7x7 the batched
+product is slower (8.5 against 6.5 ms), so the forward and the input gradient use
+it only from ``_MIN_POSITIONS`` output positions per sample. The weight gradient
+(a sum of one product per sample) was faster at every size measured.
+
+Tune mode owns its pair's kernels, so it can pick these; Deploy mode and the user's
+own layers keep torch's. ``CONVBN_CPU_POINTWISE=0`` in the environment turns the
+path off (the benchmark's ``tune-conv`` mode does, to show what it contributes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from convbn._math.compat import is_compiling
+
+__all__ = ["enabled", "use_pointwise", "forward", "backward"]
+
+# Output positions per sample (the product of the output's spatial sizes) from which the
+# forward and the input gradient are computed as products; 28 x 28 and up won at every
+# shape measured, 7 x 7 lost, 14 x 14 was even. A strided input gradient won from 14 x 14.
+_MIN_POSITIONS = 28 * 28
+_MIN_POSITIONS_STRIDED_GRAD = 14 * 14
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+_ENABLED = os.environ.get("CONVBN_CPU_POINTWISE", "1") != "0"
+
+
+def enabled() -> bool:
+    """Whether the pointwise path is on (``CONVBN_CPU_POINTWISE``, read at import)."""
+    return _ENABLED
+
+
+def set_enabled(value: bool) -> None:
+    """Turn the path on or off for this process (tests and the benchmark)."""
+    global _ENABLED
+    _ENABLED = bool(value)
+
+
+def use_pointwise(spec, t: Tensor, weight: Tensor) -> bool:
+    """Whether this pair's producer runs here: a pointwise, ungrouped, untransposed
+    convolution whose input (forward) or output gradient (backward) ``t`` is a
+    non-empty contiguous float32 CPU tensor (no subclass), outside torch.compile and
+    ``torch.jit.trace``, which see torch's own convolution.
+    """
+    return (
+        _ENABLED
+        and not spec.linear
+        and not spec.transposed
+        and spec.groups == 1
+        and type(t) in _PLAIN
+        and t.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and t.device.type == "cpu"
+        and all(k == 1 for k in weight.shape[2:])
+        and not any(spec.padding)
+        and t.is_contiguous()
+        and t.numel() > 0
+        and not is_compiling()
+        and not torch.jit.is_tracing()
+    )
+
+
+def _subsample(x: Tensor, stride) -> Tensor:
+    """``x`` at the positions a pointwise convolution with ``stride`` reads, as ``(N, C, P)``."""
+    if any(s != 1 for s in stride):
+        x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)]
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _out_sizes(x_shape, stride) -> list[int]:
+    return [(size - 1) // s + 1 for size, s in zip(x_shape[2:], stride)]
+
+
+def _positions(x_shape, stride) -> int:
+    p = 1
+    for size in _out_sizes(x_shape, stride):
+        p *= size
+    return p
+
+
+def forward(spec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """The convolution's output, or None where torch's convolution is the faster choice."""
+    if _positions(x.shape, spec.stride) < _MIN_POSITIONS:
+        return None
+    n = x.shape[0]
+    w = weight.reshape(weight.shape[0], weight.shape[1])
+    # Written into the output's own storage: an autograd Function must not return a view.
+    out = x.new_empty([n, w.shape[0]] + _out_sizes(x.shape, spec.stride))
+    flat = out.view(n, w.shape[0], -1)
+    torch.bmm(w.expand(n, -1, -1), _subsample(x, spec.stride), out=flat)
+    if bias is not None:
+        flat.add_(bias.view(1, -1, 1))
+    return out
+
+
+def backward(
+    spec, grad_out: Tensor, x: Tensor | None, x_shape, weight: Tensor, mask
+) -> tuple[list[Tensor | None], list[bool]]:
+    """The gradients in ``mask`` computed here, and the mask of those left to torch.
+
+    ``grad_out`` must be contiguous (:func:`use_pointwise` checks it).
+    """
+    grads: list[Tensor | None] = [None, None, None]
+    rest = list(mask)
+    n, c_out = grad_out.shape[0], grad_out.shape[1]
+    g = grad_out.view(n, c_out, -1)
+    strided = any(s != 1 for s in spec.stride)
+    positions = g.shape[2]
+    w = weight.reshape(weight.shape[0], weight.shape[1])
+    if mask[0] and (
+        positions >= _MIN_POSITIONS or (strided and positions >= _MIN_POSITIONS_STRIDED_GRAD)
+    ):
+        gx = torch.bmm(w.t().expand(n, -1, -1), g)
+        if strided:
+            full = gx.new_zeros(x_shape)
+            full[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in spec.stride)] = (
+                gx.view([n, w.shape[1]] + _out_sizes(x_shape, spec.stride))
+            )
+            gx = full
+        else:
+            gx = gx.view(x_shape)
+        grads[0], rest[0] = gx, False
+    if mask[1] and x is not None:
+        xs = _subsample(x, spec.stride)
+        # sum_n G[n] @ X[n]^T, accumulated in place: no (N, C_out, C_in) intermediate.
+        gw = torch.mm(g[0], xs[0].t())
+        for i in range(1, n):
+            gw.addmm_(g[i], xs[i].t())
+        grads[1], rest[1] = gw.view(weight.shape), False
+    if mask[2]:
+        grads[2], rest[2] = g.sum((0, 2)), False
+    return grads, rest
