@@ -6,12 +6,13 @@ matrix product ``W (C_out, C_in) @ X[n] (C_in, prod(S))``; a stride only subsamp
 which reorders the input into its blocked layout, computes, and reorders the output
 back; for pointwise convolutions those reorders cost as much as the product itself.
 Measured on a 2-core AMD EPYC (AVX2, torch 2.14.1, 2 threads), ResNet-50 shapes at
-batch 8: the 64 -> 256 expansion at 56x56 took 36-42 ms forward against 10-14 ms as
-a matrix product, the 256 -> 64 input gradient 38-43 ms against 13-16 ms, the strided
-256 -> 512 downsample's input gradient 74-87 ms against 27 ms; at 7x7 the batched
-product is slower (8.5 against 6.5 ms), so the forward and the input gradient use
-it only from ``_MIN_POSITIONS`` output positions per sample. The weight gradient
-(a sum of one product per sample) was faster at every size measured.
+batch 8, each kernel alone: the 256 -> 64 input gradient at 56x56 took 38-43 ms
+against 13-16 ms as a product, the strided 256 -> 512 downsample's input gradient
+74-87 ms against 27 ms, the 64 -> 256 forward 36-42 ms against 10-14 ms (inside the
+model that forward took about 12 ms either way: the gain there is in backward); at
+7x7 the batched product is slower (8.5 against 6.5 ms), so the forward and the input
+gradient use it only from ``_MIN_POSITIONS`` output positions per sample. The weight
+gradient (a sum of one product per sample) was faster or even at every size measured.
 
 Tune mode owns its pair's kernels, so it can pick these; Deploy mode and the user's
 own layers keep torch's. ``CONVBN_CPU_POINTWISE=0`` in the environment turns the
@@ -27,11 +28,13 @@ from torch import Tensor
 
 from convbn._math.compat import is_compiling
 
-__all__ = ["enabled", "use_pointwise", "forward", "backward"]
+__all__ = ["enabled", "set_enabled", "use_pointwise", "forward", "backward"]
 
 # Output positions per sample (the product of the output's spatial sizes) from which the
-# forward and the input gradient are computed as products; 28 x 28 and up won at every
-# shape measured, 7 x 7 lost, 14 x 14 was even. A strided input gradient won from 14 x 14.
+# forward and the input gradient are computed as products. At 56 x 56 the products won at
+# every ResNet-50 shape; at 28 x 28 at all but one (a forward, 1.09x); at 35 x 35
+# (Inception) the input gradient lost at 2 shapes of 5 (1.15x, 1.19x); 14 x 14 was even
+# and 7 x 7 lost. A strided input gradient won from 14 x 14.
 _MIN_POSITIONS = 28 * 28
 _MIN_POSITIONS_STRIDED_GRAD = 14 * 14
 
