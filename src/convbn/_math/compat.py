@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["autocast_enabled", "autocast_dtype", "is_compiling"]
+__all__ = ["autocast_enabled", "autocast_dtype", "is_compiling", "eager_plain_cpu"]
 
 try:
     torch.is_autocast_enabled("cpu")
@@ -43,3 +43,18 @@ _IS_COMPILING = _compiling_query()
 def is_compiling() -> bool:
     """Whether torch.compile is tracing the running code."""
     return _IS_COMPILING()
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_plain_cpu(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a plain CPU tensor (no subclass, whose operations may refuse a
+    plain ``out=``) in code that neither torch.compile nor ``torch.jit.trace`` is
+    tracing: where Tune may use its own CPU kernels and scratch memory."""
+    return (
+        type(t) in _PLAIN
+        and t.device.type == "cpu"
+        and not is_compiling()
+        and not torch.jit.is_tracing()
+    )

@@ -21,12 +21,13 @@ path off (the benchmark's ``tune-conv`` mode does, to show what it contributes).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 from torch import Tensor
 
-from convbn._math.compat import is_compiling
+from convbn._math.compat import eager_plain_cpu
 
 __all__ = ["enabled", "set_enabled", "use_pointwise", "forward", "backward"]
 
@@ -38,7 +39,6 @@ __all__ = ["enabled", "set_enabled", "use_pointwise", "forward", "backward"]
 _MIN_POSITIONS = 28 * 28
 _MIN_POSITIONS_STRIDED_GRAD = 14 * 14
 
-_PLAIN = (Tensor, torch.nn.Parameter)
 _ENABLED = os.environ.get("CONVBN_CPU_POINTWISE", "1") != "0"
 
 
@@ -64,23 +64,25 @@ def use_pointwise(spec, t: Tensor, weight: Tensor) -> bool:
         and not spec.linear
         and not spec.transposed
         and spec.groups == 1
-        and type(t) in _PLAIN
         and t.dtype == torch.float32
         and weight.dtype == torch.float32
-        and t.device.type == "cpu"
         and all(k == 1 for k in weight.shape[2:])
         and not any(spec.padding)
         and t.is_contiguous()
         and t.numel() > 0
-        and not is_compiling()
-        and not torch.jit.is_tracing()
+        and eager_plain_cpu(t)
     )
+
+
+def _strided(stride) -> tuple[slice, ...]:
+    """The index of the positions a pointwise convolution with ``stride`` reads."""
+    return (slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)
 
 
 def _subsample(x: Tensor, stride) -> Tensor:
     """``x`` at the positions a pointwise convolution with ``stride`` reads, as ``(N, C, P)``."""
     if any(s != 1 for s in stride):
-        x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)]
+        x = x[_strided(stride)]
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
@@ -88,16 +90,9 @@ def _out_sizes(x_shape, stride) -> list[int]:
     return [(size - 1) // s + 1 for size, s in zip(x_shape[2:], stride)]
 
 
-def _positions(x_shape, stride) -> int:
-    p = 1
-    for size in _out_sizes(x_shape, stride):
-        p *= size
-    return p
-
-
 def forward(spec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """The convolution's output, or None where torch's convolution is the faster choice."""
-    if _positions(x.shape, spec.stride) < _MIN_POSITIONS:
+    if math.prod(_out_sizes(x.shape, spec.stride)) < _MIN_POSITIONS:
         return None
     n = x.shape[0]
     w = weight.reshape(weight.shape[0], weight.shape[1])
@@ -130,8 +125,8 @@ def backward(
         gx = torch.bmm(w.t().expand(n, -1, -1), g)
         if strided:
             full = gx.new_zeros(x_shape)
-            full[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in spec.stride)] = (
-                gx.view([n, w.shape[1]] + _out_sizes(x_shape, spec.stride))
+            full[_strided(spec.stride)] = gx.view(
+                [n, w.shape[1]] + _out_sizes(x_shape, spec.stride)
             )
             gx = full
         else:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from convbn._math import pointwise
-from convbn._math.compat import autocast_enabled, is_compiling
+from convbn._math.compat import autocast_enabled, eager_plain_cpu, is_compiling
 from convbn._math.folding import (
     bn_scale,
     cast,
@@ -229,7 +229,6 @@ _DIVIDE_MIN = {dtype: torch.finfo(dtype).tiny ** 0.5 for dtype in (torch.float32
 
 _SCRATCH = threading.local()
 _SCRATCH_MAX_BYTES = 64 * 2**20  # a larger tensor is allocated as before
-_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _scratch(shape: torch.Size, like: Tensor) -> Tensor | None:
@@ -241,13 +240,7 @@ def _scratch(shape: torch.Size, like: Tensor) -> Tensor | None:
     nor ``torch.jit.trace`` is tracing, and the tensor takes at most
     ``_SCRATCH_MAX_BYTES``. The caller must be done with it before anything else asks.
     """
-    if (
-        type(like) not in _PLAIN
-        or like.device.type != "cpu"
-        or torch.is_grad_enabled()
-        or is_compiling()
-        or torch.jit.is_tracing()
-    ):
+    if torch.is_grad_enabled() or not eager_plain_cpu(like):
         return None
     numel = math.prod(shape)
     if numel * like.element_size() > _SCRATCH_MAX_BYTES:
