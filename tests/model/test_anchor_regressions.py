@@ -378,6 +378,13 @@ def _drop_stats(m):
 
 MUTATIONS = {
     "double()": lambda m: m.double(),
+    # The settings a converted pair remembers between calls (its spec, see
+    # producers.prepare) must follow the module's own.
+    "conv-stride": lambda m: setattr(m[0], "stride", (2, 1)),
+    "conv-padding": lambda m: setattr(m[3], "padding", (1, 2)),
+    "conv-padding-same": lambda m: setattr(m[3], "padding", "same"),
+    "conv-dilation": lambda m: setattr(m[0], "dilation", (2, 2)),
+    "conv-padding-mode": lambda m: setattr(m[0], "padding_mode", "reflect"),
     "to-bfloat16": lambda m: m.to(torch.bfloat16),
     "new-weight-parameter": _new_weight,
     "bn-eps": lambda m: setattr(m[1], "eps", 0.5),
@@ -393,6 +400,7 @@ MUTATIONS = {
 @pytest.mark.parametrize("change", list(MUTATIONS))
 def test_mutations_after_conversion_follow_the_model(change):
     model = convbn.tune(_net())
+    model(torch.randn(2, 3, 6, 6))  # a first call: the change comes after it
     MUTATIONS[change](model)
     reference = copy.deepcopy(model)
     convbn.restore(reference)
@@ -400,6 +408,26 @@ def test_mutations_after_conversion_follow_the_model(change):
     x = torch.randn(2, 3, 6, 6, dtype=dtype)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     assert rel_err(model(x), reference(x)) < tol
+
+
+class _Halved(nn.Module):
+    def forward(self, gamma):
+        return gamma / 2
+
+
+def test_parametrized_bn_weight_as_eval():
+    # A parametrized gamma is not in the BN's _parameters, where Tune reads a stock
+    # BN's tensors (norms.norm_stats): it must be read as the attribute.
+    model = _net()
+    torch.nn.utils.parametrize.register_parametrization(model[1], "weight", _Halved())
+    x = torch.randn(2, 3, 6, 6)
+    ref = _out_and_grads(model, x)
+    convbn.tune(model)
+    assert convbn.report(model).converted == [("0", "1"), ("3", "4")]
+    for _ in range(2):  # the second call through the pair's remembered settings
+        got = _out_and_grads(model, x)
+        for a, b in zip([got[0]] + got[1], [ref[0]] + ref[1]):
+            assert rel_err(a, b) < 1e-5
 
 
 def test_nan_and_negative_running_variance_as_eval_in_a_model():

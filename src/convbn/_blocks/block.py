@@ -87,10 +87,14 @@ def tune_pair(
     return _run(producer, bn, x, output_size)
 
 
-def _run(producer: nn.Module, bn: nn.Module, x: Tensor, output_size=None) -> Tensor:
-    stats = norm_stats(bn)
+def _run(
+    producer: nn.Module, bn: nn.Module, x: Tensor, output_size=None, cache: dict | None = None
+) -> Tensor:
+    """Tune mode's forward of the pair. ``cache``: the converted pair's own dict, given
+    once its BN was seen to use running statistics (see ``prepare``)."""
+    stats = norm_stats(bn, checked=cache is not None)
     dtype = compute_dtype(x)
-    x, spec = prepare(producer, x, output_size)
+    x, spec = prepare(producer, x, output_size, cache)
     if x.dtype != dtype:
         x = x.to(dtype)
     return tune_apply(

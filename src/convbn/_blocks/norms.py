@@ -72,18 +72,36 @@ def norm_problem(module: nn.Module) -> str | None:
 def uses_running_stats(module: nn.Module) -> bool:
     """True when the module normalises with its running statistics right now."""
     if isinstance(module, _BatchNorm):
-        return (
-            not module.training
-            and module.running_mean is not None
-            and module.running_var is not None
-        )
+        # Read from _buffers, where nn.Module keeps them: Module.__getattr__ costs a
+        # microsecond or more a call, and this runs at every call of every pair.
+        buffers = module._buffers
+        if "running_mean" in buffers and "running_var" in buffers:
+            mean, var = buffers["running_mean"], buffers["running_var"]
+        else:
+            mean, var = module.running_mean, module.running_var
+        return not module.training and mean is not None and var is not None
     if is_frozen(module):
         return True
     return not module.training and _has_stats(module)
 
 
-def norm_stats(module: nn.Module) -> NormStats:
-    """The tensors folding needs; a ValueError when the module does not use running statistics."""
+def norm_stats(module: nn.Module, checked: bool = False) -> NormStats:
+    """The tensors folding needs; a ValueError when the module does not use running statistics.
+
+    ``checked``: the caller has just seen :func:`uses_running_stats` say True.
+    """
+    if checked and isinstance(module, _BatchNorm):
+        # A stock BatchNorm keeps these in its _parameters and _buffers; a
+        # parametrization, for one, moves them out, and then the attributes are read.
+        params, buffers = module._parameters, module._buffers
+        if "weight" in params and "bias" in params and "running_mean" in buffers:
+            return NormStats(
+                buffers["running_mean"],
+                buffers["running_var"],
+                float(module.eps),
+                params["weight"],
+                params["bias"],
+            )
     if not _has_stats(module):
         raise ValueError(
             f"{type(module).__name__} has no running statistics "

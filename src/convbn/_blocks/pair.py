@@ -42,12 +42,18 @@ class Link:
         self.freeze = False
         self.armed = 0
         self.pending: torch.Tensor | None = None
+        self.cache: dict = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["armed"] = 0
         state["pending"] = None
+        state["cache"] = {}
         return state
+
+    def __setstate__(self, state):
+        state.setdefault("cache", {})
+        self.__dict__.update(state)
 
     def may_fuse(self, producer: nn.Module, x) -> bool:
         bn = self.bn
@@ -118,7 +124,7 @@ class ProducerMixin(_TunedMixin):
         link = self.__dict__.get(LINK)
         if link is not None and link.may_fuse(self, input):
             output_size = args[0] if args else kwargs.get("output_size")
-            out = _run(self, link.bn, input, output_size)
+            out = _run(self, link.bn, input, output_size, link.cache)
             if link.pending is not None:
                 warnings.warn(
                     "convbn: a Tune-mode output did not reach its BatchNorm before the next "

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from convbn._blocks.classes import base_class
-from convbn._math.compat import autocast_dtype, autocast_enabled
+from convbn._math.compat import autocast_dtype, autocast_enabled, is_compiling
 from convbn._math.tune_autograd import OpSpec
 
 __all__ = [
@@ -66,48 +66,94 @@ def input_rank(module: nn.Module) -> int:
     return len(module.kernel_size) + 2
 
 
-def _same_padding(module: _ConvNd, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+def _same_padding(module: _ConvNd, x: Tensor | None) -> tuple[Tensor | None, tuple[int, ...]]:
     # ATen pads the larger half on the right when the total is odd; do the same.
     left, pad = [], []
     for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
         total = d * (k - 1)
         left.append(total // 2)
         pad += [0, total - 2 * (total // 2)]
-    if any(pad):
+    if x is not None and any(pad):
         x = F.pad(x, pad)
     return x, tuple(reversed(left))
 
 
 def prepare(
-    module: nn.Module, x: Tensor, output_size: list[int] | None = None
+    module: nn.Module,
+    x: Tensor,
+    output_size: list[int] | None = None,
+    cache: dict | None = None,
 ) -> tuple[Tensor, OpSpec]:
-    """The producer's input as its convolution sees it, and the convolution's spec."""
+    """The producer's input as its convolution sees it, and the convolution's spec.
+
+    ``cache``: a dict owned by the caller (one per producer) that keeps the spec
+    between calls, so that its shape facts (``tune_autograd.shape_facts``) are
+    worked out once; it is used only while the module's settings stay the same.
+    """
     if isinstance(module, nn.Linear):
-        return x, OpSpec(linear=True)
-    if isinstance(module, _ConvTransposeNd):
-        nd = len(module.kernel_size)
-        output_padding = module._output_padding(
-            x, output_size, module.stride, module.padding, module.kernel_size, nd, module.dilation
+        key = None
+    elif isinstance(module, _ConvTransposeNd):
+        output_padding = module.output_padding
+        if output_size is not None:
+            output_padding = module._output_padding(
+                x,
+                output_size,
+                module.stride,
+                module.padding,
+                module.kernel_size,
+                len(module.kernel_size),
+                module.dilation,
+            )
+        key = (module.stride, module.padding, module.dilation, module.groups, output_padding)
+    else:
+        key = (
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.padding_mode,
+            module.kernel_size,
         )
-        return x, OpSpec(
+    if is_compiling():
+        cache = None  # what torch.compile traces must not depend on it, nor change it
+    spec = None
+    if cache is not None and cache.get("key", _NONE) == key:
+        spec = cache["spec"]
+    if spec is None:
+        spec = _spec(module, key)
+        if cache is not None:
+            cache["key"], cache["spec"] = key, spec
+    if key is not None and not spec.transposed:
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        elif module.padding == "same":
+            x = _same_padding(module, x)[0]
+    return x, spec
+
+
+_NONE = object()
+
+
+def _spec(module: nn.Module, key) -> OpSpec:
+    if key is None:
+        return OpSpec(linear=True)
+    nd = len(module.kernel_size)
+    if isinstance(module, _ConvTransposeNd):
+        return OpSpec(
             transposed=True,
             stride=tuple(module.stride),
             padding=tuple(module.padding),
             dilation=tuple(module.dilation),
-            output_padding=tuple(output_padding),
+            output_padding=tuple(key[4]),
             groups=module.groups,
         )
-    nd = len(module.kernel_size)
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    if module.padding_mode != "zeros" or module.padding == "valid":
         padding = (0,) * nd
     elif module.padding == "same":
-        x, padding = _same_padding(module, x)
-    elif module.padding == "valid":
-        padding = (0,) * nd
+        padding = _same_padding(module, None)[1]
     else:
         padding = tuple(module.padding)
-    return x, OpSpec(
+    return OpSpec(
         stride=tuple(module.stride),
         padding=padding,
         dilation=tuple(module.dilation),

@@ -52,9 +52,5 @@ def eager_plain_cpu(t: torch.Tensor) -> bool:
     """Whether ``t`` is a plain CPU tensor (no subclass, whose operations may refuse a
     plain ``out=``) in code that neither torch.compile nor ``torch.jit.trace`` is
     tracing: where Tune may use its own CPU kernels and scratch memory."""
-    return (
-        type(t) in _PLAIN
-        and t.device.type == "cpu"
-        and not is_compiling()
-        and not torch.jit.is_tracing()
-    )
+    # t.is_cpu, not t.device.type: the attribute is read without building a device object.
+    return type(t) in _PLAIN and t.is_cpu and not _IS_COMPILING() and not torch.jit.is_tracing()

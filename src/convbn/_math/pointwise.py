@@ -29,7 +29,7 @@ from torch import Tensor
 
 from convbn._math.compat import eager_plain_cpu
 
-__all__ = ["enabled", "set_enabled", "use_pointwise", "forward", "backward"]
+__all__ = ["enabled", "set_enabled", "applies", "usable", "forward", "backward"]
 
 # Output positions per sample (the product of the output's spatial sizes) from which the
 # forward and the input gradient are computed as products. At 56 x 56 the products won at
@@ -53,21 +53,27 @@ def set_enabled(value: bool) -> None:
     _ENABLED = bool(value)
 
 
-def use_pointwise(spec, t: Tensor, weight: Tensor) -> bool:
-    """Whether this pair's producer runs here: a pointwise, ungrouped, untransposed
-    convolution whose input (forward) or output gradient (backward) ``t`` is a
-    non-empty contiguous float32 CPU tensor (no subclass), outside torch.compile and
-    ``torch.jit.trace``, which see torch's own convolution.
-    """
+def applies(spec, weight_shape) -> bool:
+    """Whether the producer is a pointwise, unpadded, ungrouped, untransposed convolution
+    (what the shapes and the spec decide; :func:`usable` checks the tensors)."""
     return (
-        _ENABLED
-        and not spec.linear
+        not spec.linear
         and not spec.transposed
         and spec.groups == 1
-        and t.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and all(k == 1 for k in weight.shape[2:])
+        and all(k == 1 for k in weight_shape[2:])
         and not any(spec.padding)
+    )
+
+
+def usable(t: Tensor, weight: Tensor) -> bool:
+    """Whether the path is on and the producer's input (forward) or output gradient
+    (backward) ``t`` and ``weight`` are what it computes with: ``t`` a non-empty
+    contiguous float32 CPU tensor (no subclass), outside torch.compile and
+    ``torch.jit.trace``, which see torch's own convolution."""
+    return (
+        _ENABLED
+        and t.dtype is torch.float32
+        and weight.dtype is torch.float32
         and t.is_contiguous()
         and t.numel() > 0
         and eager_plain_cpu(t)
@@ -110,7 +116,7 @@ def backward(
 ) -> tuple[list[Tensor | None], list[bool]]:
     """The gradients in ``mask`` computed here, and the mask of those left to torch.
 
-    ``grad_out`` must be contiguous (:func:`use_pointwise` checks it).
+    ``grad_out`` must be contiguous (:func:`usable` checks it).
     """
     grads: list[Tensor | None] = [None, None, None]
     rest = list(mask)

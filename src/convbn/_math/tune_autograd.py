@@ -26,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -61,13 +62,43 @@ class OpSpec:
     dilation: tuple[int, ...] = ()
     output_padding: tuple[int, ...] = ()
     groups: int = 1
+    # What follows from the shapes alone, worked out once per input and weight shape
+    # (a converted pair keeps its spec between calls; see shape_facts): at small
+    # sizes Tune's Python work per call costs as much as its kernels.
+    shapes: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
-def apply_op(spec: OpSpec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+class ShapeFacts(NamedTuple):
+    out_numel: int  # elements of the producer's output
+    pointwise: bool  # a convolution the CPU pointwise path may compute (pointwise.applies)
+
+
+def shape_facts(spec: OpSpec, x_shape: torch.Size, weight: Tensor) -> ShapeFacts:
+    """:class:`ShapeFacts` of ``spec`` for this input shape and weight, from its cache."""
+    key = (x_shape, weight.shape)
+    facts = spec.shapes.get(key)
+    if facts is None:
+        facts = ShapeFacts(_out_numel(spec, x_shape, weight), pointwise.applies(spec, weight.shape))
+        # Not while torch.compile traces: the cache would be a side effect to replay.
+        if not is_compiling():
+            if len(spec.shapes) >= _SHAPES_KEPT:
+                spec.shapes.clear()
+            spec.shapes[key] = facts
+    return facts
+
+
+_SHAPES_KEPT = 32  # input shapes remembered per pair (a few per resolution and batch size)
+
+
+def apply_op(
+    spec: OpSpec, x: Tensor, weight: Tensor, bias: Tensor | None, facts: ShapeFacts | None = None
+) -> Tensor:
     """The producer's computation with the given weight and bias."""
     if spec.linear:
         return torch.nn.functional.linear(x, weight, bias)
-    if pointwise.use_pointwise(spec, x, weight):
+    if facts is None:
+        facts = shape_facts(spec, x.shape, weight)
+    if facts.pointwise and pointwise.usable(x, weight):
         out = pointwise.forward(spec, x, weight, bias)
         if out is not None:
             return out
@@ -101,7 +132,7 @@ def _op_backward(
         gb = g2.sum(0) if mask[2] else None
         return gx, gw, gb
     gx = gw = gb = None
-    if pointwise.use_pointwise(spec, grad_out, weight):
+    if shape_facts(spec, x_shape, weight).pointwise and pointwise.usable(grad_out, weight):
         (gx, gw, gb), mask = pointwise.backward(spec, grad_out, x, x_shape, weight, mask)
         if not any(mask):
             return gx, gw, gb
@@ -129,14 +160,15 @@ def _op_backward(
     )
 
 
-@contextlib.contextmanager
 def _autocast_off(device_type: str):
-    # Entering torch.autocast costs tens of microseconds: only when it is on.
+    """A context that turns autocast off, if it is on (entering torch.autocast costs
+    about 8 microseconds, a generator-based context manager several more)."""
     if autocast_enabled(device_type):
-        with torch.autocast(device_type=device_type, enabled=False):
-            yield
-    else:
-        yield
+        return torch.autocast(device_type=device_type, enabled=False)
+    return _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _out_numel(spec: OpSpec, x_shape: torch.Size, weight: Tensor) -> int:
@@ -183,14 +215,15 @@ def _scale_feature_map(spec: OpSpec, numel: int, weight: Tensor, dtype, x_dtype)
 def _forward(x, weight, bias, running_mean, running_var, gamma, beta, eps, spec, dtype):
     scale = bn_scale(running_var, eps, gamma, dtype)
     b_f = fold_bias(bias, running_mean, scale, beta, dtype)
-    if _scale_feature_map(spec, _out_numel(spec, x.shape, weight), weight, dtype, x.dtype):
-        out = apply_op(spec, x, weight, None)
+    facts = shape_facts(spec, x.shape, weight)
+    if _scale_feature_map(spec, facts.out_numel, weight, dtype, x.dtype):
+        out = apply_op(spec, x, weight, None, facts)
         # out = out * a + b', in place: ``out`` is ours alone.
         return torch.addcmul(
             _out_view(b_f, spec, out.dim()), out, _out_view(scale, spec, out.dim()), out=out
         )
     w_f = _folded_weight(weight, scale, spec, dtype, x.dtype)
-    return apply_op(spec, x, w_f, cast(b_f, x.dtype))
+    return apply_op(spec, x, w_f, cast(b_f, x.dtype), facts)
 
 
 def _reduce_to_channels(grad_out: Tensor, spec: OpSpec) -> Tensor:
@@ -242,19 +275,43 @@ def _scratch(shape: torch.Size, like: Tensor) -> Tensor | None:
     """
     if torch.is_grad_enabled() or not eager_plain_cpu(like):
         return None
+    # The view of each (dtype, shape) is made once: slicing and viewing the buffer
+    # cost more than the small kernels of a pair (about 4.6 microseconds a call).
+    views = _SCRATCH.__dict__.get("views")
+    if views is None:
+        views = _SCRATCH.views = {}
+        _SCRATCH.buffers = {}
+    key = (like.dtype, shape)
+    view = views.get(key, _MISSING)
+    if view is _MISSING:
+        view = views[key] = _new_scratch_view(shape, like.dtype, views)
+    return view
+
+
+_MISSING = object()
+
+# Up to this many elements (64 KiB in float32, under glibc's 128 KiB mmap threshold) a
+# weight-sized temporary comes from malloc's heap, not from fresh pages: there the
+# per-channel dot is one call (torch.linalg.vecdot) instead of a product in scratch
+# memory and a sum.
+_SMALL_WEIGHT = 2**14
+
+
+def _new_scratch_view(shape: torch.Size, dtype: torch.dtype, views: dict) -> Tensor | None:
     numel = math.prod(shape)
-    if numel * like.element_size() > _SCRATCH_MAX_BYTES:
+    if numel * dtype.itemsize > _SCRATCH_MAX_BYTES:
         return None
-    buffers = getattr(_SCRATCH, "buffers", None)
-    if buffers is None:
-        buffers = _SCRATCH.buffers = {}
-    buf = buffers.get(like.dtype)
-    if buf is None or buf.numel() < numel:
-        # Never an inference tensor (one made under inference_mode could not be
-        # written outside it).
-        with torch.inference_mode(False):
-            buf = buffers[like.dtype] = torch.empty(numel, dtype=like.dtype)
-    return buf[:numel].view(shape)
+    buffers = _SCRATCH.buffers
+    buf = buffers.get(dtype)
+    # Neither the buffer nor its views are made under inference_mode: they would be
+    # inference tensors, or views that cannot be written outside it.
+    with torch.inference_mode(False):
+        if buf is None or buf.numel() < numel:
+            buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+            # Views of the old, smaller buffer would keep it alive: make them anew.
+            for key in [k for k in views if k[0] == dtype]:
+                del views[key]
+        return buf[:numel].view(shape)
 
 
 def _folded_weight(weight: Tensor, scale: Tensor, spec: OpSpec, dtype, x_dtype) -> Tensor:
@@ -325,7 +382,7 @@ class _TuneFunction(torch.autograd.Function):
                 g_w = gw_f if gw_f is not None else gw
                 w = cast(weight, dtype)
                 product = None
-                if g_w.is_contiguous() and g_w.dtype == w.dtype:
+                if g_w.numel() > _SMALL_WEIGHT and g_w.is_contiguous() and g_w.dtype == w.dtype:
                     product = _scratch(g_w.shape, g_w)
                 g_scale = per_channel_dot(g_w, w, spec.transposed, spec.groups, out=product)
                 if gw_f is None:
@@ -421,12 +478,19 @@ def tune_apply(
     the autocast dtype); folding happens in at least float32. When no gradient is
     required at all, no autograd node is created.
     """
-    if not torch.is_grad_enabled() or not any(
-        t is not None and t.requires_grad
-        for t in (x, weight, bias, running_mean, running_var, gamma, beta)
+    grad_mode = torch.is_grad_enabled()
+    if not grad_mode or not (
+        x.requires_grad
+        or weight.requires_grad
+        or running_mean.requires_grad
+        or running_var.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or (gamma is not None and gamma.requires_grad)
+        or (beta is not None and beta.requires_grad)
     ):
         dtype = fold_dtype(weight, bias, running_mean, running_var, gamma, beta)
-        with torch.no_grad(), _autocast_off(x.device.type):
+        # no_grad also lets the transients use scratch memory (see _scratch).
+        with torch.no_grad() if grad_mode else _NO_CONTEXT, _autocast_off(x.device.type):
             return _forward(
                 x, weight, bias, running_mean, running_var, gamma, beta, eps, spec, dtype
             )
