@@ -256,3 +256,58 @@ def test_ddp_after_conversion(resnet, tmp_path):
         _assert_same((out.detach(), [p.grad for p in ddp.module.parameters()]), reference)
     finally:
         dist.destroy_process_group()
+
+
+class _Halved(nn.Module):
+    def forward(self, w):
+        return w / 2
+
+
+def _weight_norm(module):
+    return torch.nn.utils.parametrizations.weight_norm(module)
+
+
+def _same_as_restored(model):
+    reference = convbn.restore(copy.deepcopy(model))
+    _assert_same(_out_and_grads(model), _out_and_grads(reference))
+
+
+def test_parametrizations_registered_before_tune(resnet):
+    # torch.nn.utils.parametrize swaps the class too (and back to its first base when
+    # the last parametrization goes): conversion, restoring and removal compose.
+    P = torch.nn.utils.parametrize
+    _weight_norm(resnet.conv1)
+    P.register_parametrization(resnet.bn1, "weight", _Halved())
+    ref = _out_and_grads(resnet)
+    model = convbn.tune(resnet)
+    assert ("conv1", "bn1") in convbn.report(model).converted
+    _assert_same(_out_and_grads(model), ref)
+    P.remove_parametrizations(model.conv1, "weight")  # keeps the parametrized value
+    P.remove_parametrizations(model.bn1, "weight")
+    assert type(model.conv1).__name__ == "TunedConv2d" and not P.is_parametrized(model.bn1)
+    assert ("conv1", "bn1") in convbn.report(model).converted
+    assert rel_err(model(X), ref[0]) < 1e-4
+    _same_as_restored(model)
+    convbn.restore(model)
+    assert type(model.conv1) is nn.Conv2d and type(model.bn1) is nn.BatchNorm2d
+
+
+def test_parametrizations_registered_after_tune(resnet):
+    P = torch.nn.utils.parametrize
+    model = convbn.tune(resnet)
+    _weight_norm(model.conv1)
+    P.register_parametrization(model.bn1, "weight", _Halved())
+    assert ("conv1", "bn1") in convbn.report(model).converted
+    _same_as_restored(model)
+    ref = _out_and_grads(model)
+    convbn.restore(model)
+    assert type(model.conv1).__bases__ == (nn.Conv2d,) and P.is_parametrized(model.conv1)
+    assert type(model.bn1).__bases__ == (nn.BatchNorm2d,) and P.is_parametrized(model.bn1)
+    _assert_same(_out_and_grads(model), ref)
+    convbn.tune(model)  # again, over the parametrizations
+    _assert_same(_out_and_grads(model), ref)
+    P.remove_parametrizations(model.conv1, "weight")
+    P.remove_parametrizations(model.bn1, "weight")
+    _same_as_restored(model)
+    convbn.restore(model)
+    assert type(model.conv1) is nn.Conv2d and type(model.bn1) is nn.BatchNorm2d

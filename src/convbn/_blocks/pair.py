@@ -198,16 +198,49 @@ class Disarm:
 def convert_pair(link: Link) -> None:
     """Swap both modules to their tuned classes and attach the link."""
     for module, role in ((link.producer, "producer"), (link.bn, "norm")):
-        base = getattr(type(module), "_convbn_base", type(module))
-        module.__class__ = tuned_class(base, role)
+        module.__class__ = _tuned(type(module), role)
         module.__dict__[LINK] = link
 
 
 def release_pair(link: Link) -> None:
     """Undo :func:`convert_pair`: original classes, no attribute left behind."""
     for module in (link.producer, link.bn):
-        base = getattr(type(module), "_convbn_base", None)
-        if base is not None:
-            module.__class__ = base
+        module.__class__ = _untuned(type(module))
         module.__dict__.pop(LINK, None)
     link.pending = None
+
+
+# torch.nn.utils.parametrize also swaps a module's class: to a subclass of the class
+# the module has when a parametrization is registered, which holds the parametrized
+# tensors' properties, and back to its first base when the last one is removed. So
+# a parametrize class may sit above convbn's (registered after conversion) or below
+# it (before). Either way convbn's class goes directly under parametrize's, and a
+# parametrize class is rebuilt, with the same contents, on whatever class changes
+# under it: converting and restoring keep the parametrizations, and removing them
+# keeps the conversion.
+
+
+def _tuned(cls: type, role: str) -> type:
+    if hasattr(cls, "_convbn_base"):
+        return cls  # converted already, maybe under a parametrization
+    if _is_parametrize_class(cls):
+        return _rebuilt_on(cls, _tuned(cls.__bases__[0], role))
+    return tuned_class(cls, role)
+
+
+def _untuned(cls: type) -> type:
+    if "_convbn_base" in cls.__dict__:
+        return cls._convbn_base
+    if hasattr(cls, "_convbn_base"):  # a parametrize class above convbn's
+        return _rebuilt_on(cls, _untuned(cls.__bases__[0]))
+    return cls
+
+
+def _is_parametrize_class(cls: type) -> bool:
+    bases = cls.__bases__
+    return len(bases) == 1 and cls.__name__ == f"Parametrized{bases[0].__name__}"
+
+
+def _rebuilt_on(cls: type, base: type) -> type:
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    return type(f"Parametrized{base.__name__}", (base,), namespace)
