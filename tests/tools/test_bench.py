@@ -139,6 +139,9 @@ def test_results_structure(run):
     data = json.loads((out / "results.json").read_text())
     assert {"torch", "cpu", "torch_threads", "python"} <= set(data["machine"])
     assert data["machine"]["cpu_pointwise"] is True
+    for when in ("start", "end"):  # the machine's speed, taken at both ends of the run
+        assert data["machine"][f"matmul_gflops_{when}"] > 0
+    assert "matrix product at start" in proc.stdout
     records = data["records"]
     assert len(records) == len(MODES_RUN.split(","))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -388,3 +391,10 @@ def test_failures_mid_run_keep_the_rounds_before(user_dir):
         assert len(chatty["step_s_rounds"]) == 3 and chatty["saved_bytes"] > 0
     assert recs[("benchmod:chatty", "tune")]["out_rel_err"] < 1e-5
     assert (out / "logs" / "benchmod_flaky-eval.log").exists()
+
+
+def test_matmul_gflops_measures_the_product():
+    from convbn._tools.measure import matmul_gflops
+
+    # 2 * 64^3 flops at any plausible speed: a positive, finite rate below a PFLOP/s.
+    assert 0 < matmul_gflops("cpu", size=64, repeats=2) < 1e6

@@ -404,6 +404,24 @@ def _loadavg() -> str | None:
         return None
 
 
+def _speed(plan: Plan) -> float | None:
+    """The machine's matrix-product speed now, with the workers' thread count
+    (None when the device cannot run it: the workers then report the error)."""
+    import torch
+
+    from convbn._tools.measure import matmul_gflops
+
+    threads = torch.get_num_threads()
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    try:
+        return round(matmul_gflops(plan.device), 1)
+    except (RuntimeError, AssertionError):
+        return None
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_plan(plan: Plan, argv: list[str]) -> int:
     """Run every (model, mode, round); write results after each model; 1 if any failed."""
     from convbn._tools.bench_report import (
@@ -419,6 +437,7 @@ def run_plan(plan: Plan, argv: list[str]) -> int:
     )
 
     machine = machine_info(plan.device, plan.threads)
+    machine["matmul_gflops_start"] = _speed(plan)
     runnable = [m for m in plan.modes if unavailable(m) is None]
     log_dir = plan.out / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)  # ours: the failures of an earlier run
@@ -454,6 +473,8 @@ def run_plan(plan: Plan, argv: list[str]) -> int:
             machine["loadavg_end"] = _loadavg()
             write_results(plan.out, machine, records, argv)
     progress.close()
+    machine["matmul_gflops_end"] = _speed(plan)
+    write_results(plan.out, machine, records, argv)
     title = (
         f"convbn bench: batch {plan.batch}, {plan.dtype}, {plan.device}"
         f"{', channels-last' if plan.channels_last else ''}{', compiled' if plan.compile else ''}"
@@ -463,7 +484,9 @@ def run_plan(plan: Plan, argv: list[str]) -> int:
     print(format_table(records))
     print(
         f"(load average at start {machine.get('loadavg_start')}, at end {machine.get('loadavg_end')}"
-        f" on {machine['cpu_count']} CPUs: other processes slow the steps down)"
+        f" on {machine['cpu_count']} CPUs: other processes slow the steps down; float32 "
+        f"matrix product at start {machine['matmul_gflops_start']} GFLOP/s, at end "
+        f"{machine['matmul_gflops_end']}: a change means the machine's speed changed)"
     )
     summary = format_summary(records)
     if summary:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["SavedBytes", "saved_bytes", "count_saved", "peak_rss_bytes"]
+__all__ = ["SavedBytes", "saved_bytes", "count_saved", "peak_rss_bytes", "matmul_gflops"]
 
 
 class SavedBytes:
@@ -63,3 +64,25 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far, in bytes."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def matmul_gflops(device: str = "cpu", size: int = 1024, repeats: int = 5) -> float:
+    """GFLOP/s of the fastest of ``repeats`` float32 ``size``-square matrix products on
+    ``device``, with this process's threads: how fast the machine computes right now.
+
+    A shared or throttled machine changes speed over a run (one session here measured
+    139 GFLOP/s at its start and 55-70 an hour later on the same 2-core VM); taken at a
+    benchmark's start and end it tells whether the modes were timed on one machine.
+    """
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a @ b  # warm-up: thread pool, library initialisation
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
