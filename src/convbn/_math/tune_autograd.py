@@ -290,12 +290,6 @@ def _scratch(shape: torch.Size, like: Tensor) -> Tensor | None:
 
 _MISSING = object()
 
-# Up to this many elements (64 KiB in float32, under glibc's 128 KiB mmap threshold) a
-# weight-sized temporary comes from malloc's heap, not from fresh pages: there the
-# per-channel dot is one call (torch.linalg.vecdot) instead of a product in scratch
-# memory and a sum.
-_SMALL_WEIGHT = 2**14
-
 
 def _new_scratch_view(shape: torch.Size, dtype: torch.dtype, views: dict) -> Tensor | None:
     numel = math.prod(shape)
@@ -331,6 +325,13 @@ def _scaled_grad(grad_out: Tensor, scale: Tensor, spec: OpSpec) -> Tensor:
         if out is not None:
             return torch.mul(grad_out, view, out=out)
     return grad_out * view
+
+
+# Up to this many elements (64 KiB in float32, under glibc's 128 KiB mmap threshold) a
+# weight-sized temporary comes from malloc's heap, not from fresh pages: there the
+# per-channel dot is one call (torch.linalg.vecdot) instead of a product in scratch
+# memory and a sum.
+_SMALL_WEIGHT = 2**14
 
 
 class _TuneFunction(torch.autograd.Function):
