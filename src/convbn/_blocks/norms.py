@@ -94,7 +94,12 @@ def norm_stats(module: nn.Module, checked: bool = False) -> NormStats:
         # A stock BatchNorm keeps these in its _parameters and _buffers; a
         # parametrization, for one, moves them out, and then the attributes are read.
         params, buffers = module._parameters, module._buffers
-        if "weight" in params and "bias" in params and "running_mean" in buffers:
+        if (
+            "weight" in params
+            and "bias" in params
+            and "running_mean" in buffers
+            and "running_var" in buffers
+        ):
             return NormStats(
                 buffers["running_mean"],
                 buffers["running_var"],
