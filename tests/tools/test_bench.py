@@ -18,7 +18,16 @@ import torch
 from convbn._tools import bench
 from convbn._tools.bench_models import PAPER_ZOO, ModelInfo, build_model, resolve
 from convbn._tools.bench_modes import MODES, FrozenScaleShift, PaperTuneProducer, apply_mode
-from convbn._tools.bench_report import Record, aggregate, format_table, plot, rel_err
+from convbn._tools.bench_report import (
+    Record,
+    add_ratios,
+    aggregate,
+    format_summary,
+    format_table,
+    plot,
+    rel_err,
+    step_ratio,
+)
 
 # A user's model module, written to a folder on the workers' PYTHONPATH: `tiny` has a
 # Conv2d->BN2d pair, a Conv2d->BN2d pair with stride, and a Linear->BN1d pair;
@@ -309,6 +318,31 @@ def test_aggregate_and_table():
     assert record.error == "RuntimeError: boom"
     assert "RuntimeError: boom" in format_table([record])
     assert rel_err(torch.ones(3), torch.ones(4)) == math.inf
+
+
+def _timed(mode, rounds, error=None):
+    record = Record("resnet50", mode, 8, 224, "fp32", "cpu", error=error)
+    aggregate(record, [{"step_s": t} for t in rounds])
+    return record
+
+
+def test_step_ratio_pairs_the_rounds():
+    # A slow spell on Eval's third round and not on Tune's: round by round the two take
+    # the same time, while the medians' ratio would say Tune takes half as long.
+    eval_ = _timed("eval", [1.0, 1.0, 2.0, 2.0, 2.0])
+    tune = _timed("tune", [1.0, 1.0, 1.0, 2.0, 2.0])
+    assert tune.step_s / eval_.step_s == 0.5
+    assert step_ratio(tune, eval_) == 1.0
+    add_ratios([eval_, tune])
+    assert (eval_.step_vs_eval, tune.step_vs_eval) == (1.0, 1.0)
+    summary = format_summary([eval_, tune])
+    assert "step tune/eval 1.000 [rounds 0.50-1.00, medians' ratio 0.500]" in summary
+    assert "MISSED" in summary
+    # Rounds that cannot be paired (one lost, or a single round): the medians' ratio.
+    assert step_ratio(_timed("tune", [1.0, 1.0, 1.0, 2.0]), eval_) == 0.5
+    assert step_ratio(_timed("tune", [1.0]), _timed("eval", [2.0])) == 0.5
+    failed = _timed("tune", [1.0, 1.0, 1.0, 2.0, 2.0], error="RuntimeError: boom")
+    assert step_ratio(failed, eval_) == 0.5
 
 
 def test_plot_when_every_run_failed(tmp_path):
