@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import importlib.util
 import json
@@ -14,10 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from convbn._tools import bench
 from convbn._tools.bench_models import PAPER_ZOO, ModelInfo, build_model, resolve
-from convbn._tools.bench_modes import MODES, FrozenScaleShift, PaperTuneProducer, apply_mode
+from convbn._tools.bench_modes import (
+    MODES,
+    FrozenScaleShift,
+    PaperTuneProducer,
+    ProductConv,
+    apply_mode,
+)
 from convbn._tools.bench_report import (
     Record,
     add_ratios,
@@ -84,7 +92,7 @@ USER_MODULE = textwrap.dedent(
         return _Counting(1, lambda: (print("a line on stdout"), os.write(1, b"and from C\\n")))
     """
 )
-MODES_RUN = "eval,tune,deploy,train,tune-paper,frozenbn,tune-conv,mmengine"
+MODES_RUN = "eval,tune,deploy,train,tune-paper,frozenbn,tune-conv,deploy-products,mmengine"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -168,6 +176,7 @@ def test_results_structure(run):
     # The table and the summary are printed; the targets are reported, not assumed.
     assert "saved MiB" in proc.stdout and "tune/deploy" in proc.stdout
     assert "tune/tune-conv" in proc.stdout
+    assert "step deploy-products/eval" in proc.stdout and "tune/deploy-products" in proc.stdout
 
 
 def test_tune_memory_and_equivalence(run):
@@ -191,6 +200,11 @@ def test_tune_memory_and_equivalence(run):
     assert ok["tune-conv"]["saved_bytes"] == tune
     assert ok["tune-conv"]["out_rel_err"] < 1e-4
     assert ok["deploy"]["grad_rel_err"] is None  # fused parameters mean something else
+    # deploy-products: Deploy with Tune's kernels, keeping what Deploy keeps
+    assert ok["deploy-products"]["saved_bytes"] == ok["deploy"]["saved_bytes"] == tune
+    assert ok["deploy-products"]["out_rel_err"] < 1e-4
+    assert ok["deploy-products"]["pairs"] == ok["deploy"]["pairs"]
+    assert ok["deploy-products"]["grad_rel_err"] is None
     assert ok["train"]["out_rel_err"] is None and ok["train"]["grad_rel_err"] is None
     assert ok["eval"]["saved_vs_eval"] == 1.0
     assert math.isclose(ok["tune"]["saved_vs_eval"], tune / ok["eval"]["saved_bytes"])
@@ -286,6 +300,37 @@ def test_paper_tune_keeps_parameters_and_matches_eval():
     assert sum(isinstance(m, PaperTuneProducer) for m in model.modules()) == prepared.pairs == 20
     x = torch.randn(2, 3, 32, 32)
     assert rel_err(model(x), ref(x)) < 1e-5
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_product_conv_matches_the_convolution(stride):
+    # At 56 x 56 the CPU products compute the forward and every gradient (pointwise.py).
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 1, stride=stride)
+    x = torch.randn(2, 16, 56, 56, requires_grad=True)
+    wrapped = ProductConv(conv)
+    assert [n for n, _ in wrapped.named_parameters()] == ["conv.weight", "conv.bias"]
+    out = wrapped(x)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, conv.weight, conv.bias), g)
+    ref_conv = copy.deepcopy(conv).double()
+    x64 = x.detach().double().requires_grad_()
+    ref = ref_conv(x64)
+    ref_grads = torch.autograd.grad(ref, (x64, ref_conv.weight, ref_conv.bias), g.double())
+    assert rel_err(out, ref) < 1e-5
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) < 1e-5
+    with pytest.raises(TypeError):
+        ProductConv(nn.Conv2d(3, 3, 1, padding="same"))
+
+
+def test_deploy_products_wraps_the_folded_pointwise_producers():
+    model = resolve("resnet50", 64)
+    prepared = apply_mode(build_model(model), "deploy-products")
+    wrapped = [m for m in prepared.model.modules() if isinstance(m, ProductConv)]
+    # ResNet-50: 3 pointwise convolutions in each of 16 bottlenecks, and 4 downsamples
+    assert len(wrapped) == 16 * 2 + 4 and prepared.pairs == 53
+    assert all(m.conv.kernel_size == (1, 1) for m in wrapped)
 
 
 def test_frozenbn_any_rank():

@@ -375,6 +375,20 @@ def format_summary(records: list[Record]) -> str:
                 f"step deploy/eval {step:.3f}{_spread(deploy, eval_)} (no BN at all; Tune runs "
                 "Deploy's convolutions except the CPU pointwise ones, see tune-conv)"
             )
+        products = modes.get("deploy-products")
+        if products is not None:
+            step = step_ratio(products, eval_) if eval_ else None
+            if step is not None:
+                parts.append(
+                    f"step deploy-products/eval {step:.3f}{_spread(products, eval_)} (Deploy "
+                    "with Tune's kernels: the lowest Tune/eval those kernels allow)"
+                )
+            step = step_ratio(tune, products)
+            if step is not None:
+                parts.append(
+                    f"step tune/deploy-products {step:.3f}{_spread(tune, products)} "
+                    "(what Tune's folding costs)"
+                )
         conv = modes.get("tune-conv")
         if conv is not None:
             step = step_ratio(conv, eval_) if eval_ else None
