@@ -12,7 +12,12 @@ against 13-16 ms as a product, the strided 256 -> 512 downsample's input gradien
 model that forward took about 12 ms either way: the gain there is in backward); at
 7x7 the batched product is slower (8.5 against 6.5 ms), so the forward and the input
 gradient use it only from ``_MIN_POSITIONS`` output positions per sample. The weight
-gradient (a sum of one product per sample) was faster or even at every size measured.
+gradient (a sum of one product per sample) was then taken as products at every size.
+Measured again (2026-12-02, same machine, 2 threads, batch 8, each pointwise shape of
+ResNet-50, MobileNetV2, RegNetY-400MF and ShuffleNetV2 alone, forward and backward):
+below those sizes, where torch computes the input gradient anyway, the per-sample
+weight gradient made the pair 1.01-1.17 times slower than one torch call for all three
+gradients (25 shapes at 14 x 14 and 7 x 7, one even), so there torch computes them all.
 
 Tune mode owns its pair's kernels, so it can pick these; Deploy mode and the user's
 own layers keep torch's. ``CONVBN_CPU_POINTWISE=0`` in the environment turns the
@@ -124,10 +129,10 @@ def backward(
     g = grad_out.view(n, c_out, -1)
     strided = any(s != 1 for s in spec.stride)
     positions = g.shape[2]
+    if positions < _MIN_POSITIONS and not (strided and positions >= _MIN_POSITIONS_STRIDED_GRAD):
+        return grads, rest  # one torch call for every gradient (see the module's docstring)
     w = weight.reshape(weight.shape[0], weight.shape[1])
-    if mask[0] and (
-        positions >= _MIN_POSITIONS or (strided and positions >= _MIN_POSITIONS_STRIDED_GRAD)
-    ):
+    if mask[0]:
         gx = torch.bmm(w.t().expand(n, -1, -1), g)
         if strided:
             full = gx.new_zeros(x_shape)
