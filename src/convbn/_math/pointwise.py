@@ -17,7 +17,7 @@ Measured again (2026-12-02, same machine, 2 threads, batch 8, each pointwise sha
 ResNet-50, MobileNetV2, RegNetY-400MF and ShuffleNetV2 alone, forward and backward):
 below those sizes, where torch computes the input gradient anyway, the per-sample
 weight gradient made the pair 1.01-1.17 times slower than one torch call for all three
-gradients (25 shapes at 14 x 14 and 7 x 7, one even), so there torch computes them all.
+gradients (25 shapes at 14 x 14 and 7 x 7), so there torch computes them all.
 
 Tune mode owns its pair's kernels, so it can pick these; Deploy mode and the user's
 own layers keep torch's. ``CONVBN_CPU_POINTWISE=0`` in the environment turns the
