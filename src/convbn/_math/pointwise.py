@@ -34,7 +34,7 @@ from torch import Tensor
 
 from convbn._math.compat import eager_plain_cpu
 
-__all__ = ["enabled", "set_enabled", "applies", "usable", "forward", "backward"]
+__all__ = ["enabled", "set_enabled", "applies", "sizes_apply", "usable", "forward", "backward"]
 
 # Output positions per sample (the product of the output's spatial sizes) from which the
 # forward and the input gradient are computed as products. At 56 x 56 the products won at
@@ -68,6 +68,19 @@ def applies(spec, weight_shape) -> bool:
         and all(k == 1 for k in weight_shape[2:])
         and not any(spec.padding)
     )
+
+
+def sizes_apply(spec, x_shape) -> tuple[bool, bool]:
+    """Whether, for this input shape, :func:`forward` and :func:`backward` compute with
+    products rather than hand everything back to torch (for a producer that
+    :func:`applies` to)."""
+    positions = math.prod(_out_sizes(x_shape, spec.stride))
+    strided = any(s != 1 for s in spec.stride)
+    return positions >= _MIN_POSITIONS, _backward_sizes(positions, strided)
+
+
+def _backward_sizes(positions: int, strided: bool) -> bool:
+    return positions >= _MIN_POSITIONS or (strided and positions >= _MIN_POSITIONS_STRIDED_GRAD)
 
 
 def usable(t: Tensor, weight: Tensor) -> bool:
@@ -129,7 +142,7 @@ def backward(
     g = grad_out.view(n, c_out, -1)
     strided = any(s != 1 for s in spec.stride)
     positions = g.shape[2]
-    if positions < _MIN_POSITIONS and not (strided and positions >= _MIN_POSITIONS_STRIDED_GRAD):
+    if not _backward_sizes(positions, strided):
         return grads, rest  # one torch call for every gradient (see the module's docstring)
     w = weight.reshape(weight.shape[0], weight.shape[1])
     if mask[0]:

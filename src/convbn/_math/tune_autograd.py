@@ -70,7 +70,13 @@ class OpSpec:
 
 class ShapeFacts(NamedTuple):
     out_numel: int  # elements of the producer's output
-    pointwise: bool  # a convolution the CPU pointwise path may compute (pointwise.applies)
+    # Whether the CPU pointwise path computes the forward / the backward with products
+    # (pointwise.applies and pointwise.sizes_apply); usable() still checks the tensors.
+    pointwise_forward: bool
+    pointwise_backward: bool
+    # The shape that views a per-output-channel vector against the weight (None for a
+    # transposed convolution, whose channels are grouped: see folding.channel_view).
+    weight_view: tuple[int, ...] | None
 
 
 def shape_facts(spec: OpSpec, x_shape: torch.Size, weight: Tensor) -> ShapeFacts:
@@ -78,7 +84,14 @@ def shape_facts(spec: OpSpec, x_shape: torch.Size, weight: Tensor) -> ShapeFacts
     key = (x_shape, weight.shape)
     facts = spec.shapes.get(key)
     if facts is None:
-        facts = ShapeFacts(_out_numel(spec, x_shape, weight), pointwise.applies(spec, weight.shape))
+        sizes = (False, False)
+        if pointwise.applies(spec, weight.shape):
+            sizes = pointwise.sizes_apply(spec, x_shape)
+        facts = ShapeFacts(
+            _out_numel(spec, x_shape, weight),
+            *sizes,
+            None if spec.transposed else (-1,) + (1,) * (weight.dim() - 1),
+        )
         # Not while torch.compile traces: the cache would be a side effect to replay.
         if not is_compiling():
             if len(spec.shapes) >= _SHAPES_KEPT:
@@ -98,7 +111,7 @@ def apply_op(
         return torch.nn.functional.linear(x, weight, bias)
     if facts is None:
         facts = shape_facts(spec, x.shape, weight)
-    if facts.pointwise and pointwise.usable(x, weight):
+    if facts.pointwise_forward and pointwise.usable(x, weight):
         out = pointwise.forward(spec, x, weight, bias)
         if out is not None:
             return out
@@ -132,7 +145,7 @@ def _op_backward(
         gb = g2.sum(0) if mask[2] else None
         return gx, gw, gb
     gx = gw = gb = None
-    if shape_facts(spec, x_shape, weight).pointwise and pointwise.usable(grad_out, weight):
+    if shape_facts(spec, x_shape, weight).pointwise_backward and pointwise.usable(grad_out, weight):
         (gx, gw, gb), mask = pointwise.backward(spec, grad_out, x, x_shape, weight, mask)
         if not any(mask):
             return gx, gw, gb
@@ -222,7 +235,7 @@ def _forward(x, weight, bias, running_mean, running_var, gamma, beta, eps, spec,
         return torch.addcmul(
             _out_view(b_f, spec, out.dim()), out, _out_view(scale, spec, out.dim()), out=out
         )
-    w_f = _folded_weight(weight, scale, spec, dtype, x.dtype)
+    w_f = _folded_weight(weight, scale, spec, dtype, x.dtype, facts)
     return apply_op(spec, x, w_f, cast(b_f, x.dtype), facts)
 
 
@@ -308,11 +321,15 @@ def _new_scratch_view(shape: torch.Size, dtype: torch.dtype, views: dict) -> Ten
         return buf[:numel].view(shape)
 
 
-def _folded_weight(weight: Tensor, scale: Tensor, spec: OpSpec, dtype, x_dtype) -> Tensor:
+def _folded_weight(
+    weight: Tensor, scale: Tensor, spec: OpSpec, dtype, x_dtype, facts: ShapeFacts | None = None
+) -> Tensor:
     """``w' = w * a`` in the dtype the producer computes in, in scratch memory when it can."""
     if weight.dtype == dtype == x_dtype and weight.is_contiguous():
         out = _scratch(weight.shape, weight)
         if out is not None:
+            if facts is not None and facts.weight_view is not None:
+                return torch.mul(weight, scale.view(facts.weight_view), out=out)
             return scale_weight(weight, scale, spec.transposed, spec.groups, out=out)
     return cast(scale_weight(cast(weight, dtype), scale, spec.transposed, spec.groups), x_dtype)
 
@@ -422,7 +439,8 @@ def _backward_refolding(ctx, grad_out, x, weight, scale, need_scale_grad):
     spec: OpSpec = ctx.spec
     n = ctx.needs_input_grad
     mask = [n[0], n[1] or need_scale_grad, any(n[1:7])]
-    w_f = _folded_weight(weight, scale, spec, ctx.dtype, ctx.x_dtype)
+    facts = shape_facts(spec, ctx.x_shape, weight)
+    w_f = _folded_weight(weight, scale, spec, ctx.dtype, ctx.x_dtype, facts)
     gx, gw_f, gb_f = _op_backward(spec, grad_out, x, ctx.x_shape, w_f, mask)
     del w_f
     gw_f = cast(gw_f, ctx.dtype) if gw_f is not None else None
