@@ -76,11 +76,8 @@ def sizes_apply(spec, x_shape) -> tuple[bool, bool]:
     :func:`applies` to)."""
     positions = math.prod(_out_sizes(x_shape, spec.stride))
     strided = any(s != 1 for s in spec.stride)
-    return positions >= _MIN_POSITIONS, _backward_sizes(positions, strided)
-
-
-def _backward_sizes(positions: int, strided: bool) -> bool:
-    return positions >= _MIN_POSITIONS or (strided and positions >= _MIN_POSITIONS_STRIDED_GRAD)
+    backward = positions >= _MIN_POSITIONS or (strided and positions >= _MIN_POSITIONS_STRIDED_GRAD)
+    return positions >= _MIN_POSITIONS, backward
 
 
 def usable(t: Tensor, weight: Tensor) -> bool:
@@ -114,10 +111,8 @@ def _out_sizes(x_shape, stride) -> list[int]:
     return [(size - 1) // s + 1 for size, s in zip(x_shape[2:], stride)]
 
 
-def forward(spec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-    """The convolution's output, or None where torch's convolution is the faster choice."""
-    if math.prod(_out_sizes(x.shape, spec.stride)) < _MIN_POSITIONS:
-        return None
+def forward(spec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The convolution's output, for an input shape where :func:`sizes_apply` says so."""
     n = x.shape[0]
     w = weight.reshape(weight.shape[0], weight.shape[1])
     # Written into the output's own storage: an autograd Function must not return a view.
@@ -132,7 +127,9 @@ def forward(spec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | No
 def backward(
     spec, grad_out: Tensor, x: Tensor | None, x_shape, weight: Tensor, mask
 ) -> tuple[list[Tensor | None], list[bool]]:
-    """The gradients in ``mask`` computed here, and the mask of those left to torch.
+    """The gradients in ``mask`` computed here, and the mask of those left to torch, for
+    an input shape where :func:`sizes_apply` says so (below it one torch call computes
+    every gradient: see the module's docstring).
 
     ``grad_out`` must be contiguous (:func:`usable` checks it).
     """
@@ -141,9 +138,6 @@ def backward(
     n, c_out = grad_out.shape[0], grad_out.shape[1]
     g = grad_out.view(n, c_out, -1)
     strided = any(s != 1 for s in spec.stride)
-    positions = g.shape[2]
-    if not _backward_sizes(positions, strided):
-        return grads, rest  # one torch call for every gradient (see the module's docstring)
     w = weight.reshape(weight.shape[0], weight.shape[1])
     if mask[0]:
         gx = torch.bmm(w.t().expand(n, -1, -1), g)

@@ -112,9 +112,7 @@ def apply_op(
     if facts is None:
         facts = shape_facts(spec, x.shape, weight)
     if facts.pointwise_forward and pointwise.usable(x, weight):
-        out = pointwise.forward(spec, x, weight, bias)
-        if out is not None:
-            return out
+        return pointwise.forward(spec, x, weight, bias)
     # torch.convolution, not torch.ops.aten.convolution: the same operator without the
     # Python dispatch of an op packet (about 7 microseconds a call, measured on CPU).
     return torch.convolution(
