@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,7 @@ from convbn._tools.bench_report import (
     aggregate,
     format_summary,
     format_table,
+    median_interval,
     plot,
     rel_err,
     step_ratio,
@@ -388,6 +390,34 @@ def test_step_ratio_pairs_the_rounds():
     assert step_ratio(_timed("tune", [1.0]), _timed("eval", [2.0])) == 0.5
     failed = _timed("tune", [1.0, 1.0, 1.0, 2.0, 2.0], error="RuntimeError: boom")
     assert step_ratio(failed, eval_) == 0.5
+
+
+def test_median_interval():
+    assert median_interval([1.0] * 5) is None  # no 95% interval from 5 values
+    assert median_interval([3, 1, 2, 6, 5, 4]) == (1, 6)  # 6 values: the range, 96.9%
+    ten = [2.0, 0.9, 0.95, 1.0, 1.01, 1.02, 1.03, 1.04, 1.3, 0.5]
+    assert median_interval(ten) == (0.9, 1.3)  # 10: 2nd smallest and largest, 97.9%
+    assert median_interval(list(range(20))) == (5, 14)  # 20: ranks 6 and 15, 95.9%
+    # Coverage, on a skewed distribution with a known median (lognormal: e^mu).
+    rng = random.Random(0)
+    trials, held = 2000, 0
+    for _ in range(trials):
+        lo, hi = median_interval([rng.lognormvariate(0.0, 0.5) for _ in range(10)])
+        held += lo <= 1.0 <= hi
+    assert 0.96 <= held / trials <= 0.995  # 97.9% in theory
+
+
+def test_verdict_says_when_the_rounds_cannot_tell():
+    eval_ = _timed("eval", [1.0] * 10)
+    undecided = _timed("tune", [0.85, 0.88, 0.9, 0.91, 0.915, 0.93, 0.94, 0.95, 0.97, 1.0])
+    add_ratios([eval_, undecided])
+    assert (undecided.step_vs_eval_low, undecided.step_vs_eval_high) == (0.88, 0.97)
+    summary = format_summary([eval_, undecided])
+    assert "95% interval 0.880-0.970" in summary
+    assert "target <= 0.92: MISSED; its 95% interval holds 0.92" in summary
+    clear = _timed("tune", [0.8, 0.81, 0.79, 0.8, 0.82, 0.78, 0.8, 0.8, 0.83, 0.77])
+    summary = format_summary([eval_, clear])
+    assert "target <= 0.92: met)" in summary and "cannot tell" not in summary
 
 
 def test_plot_when_every_run_failed(tmp_path):

@@ -24,6 +24,7 @@ __all__ = [
     "compare_with_eval",
     "add_ratios",
     "step_ratio",
+    "median_interval",
     "machine_info",
     "write_results",
     "format_table",
@@ -38,6 +39,8 @@ TARGET_SAVED_VS_DEPLOY = 1.005
 TARGET_STEP_VS_EVAL = 0.92
 TARGET_STEP_VS_EVAL_MODEL = "resnet50"
 TARGET_STEP_VS_DEPLOY = 1.05
+# The coverage of the interval printed beside each step ratio (see median_interval).
+INTERVAL_LEVEL = 0.95
 
 
 @dataclass
@@ -47,7 +50,8 @@ class Record:
     ``saved_bytes``: bytes autograd keeps for backward in one step (parameters and buffers
     left out), from the initial weights. ``peak_bytes``: peak memory above the baseline
     over every step of the worker (warm-up and rounds). ``step_s``: median over rounds
-    of each round's median step time; ``step_vs_eval``: :func:`step_ratio` to Eval.
+    of each round's median step time; ``step_vs_eval``: :func:`step_ratio` to Eval,
+    and ``step_vs_eval_low``/``_high`` the :func:`median_interval` of its rounds' ratios.
     ``out_rel_err`` / ``grad_rel_err``: ``max|a - b| / max|b|`` against Eval (gradients:
     the worst parameter tensor), None when meaningless (``train``, Deploy's gradients)
     or not measured; ``error`` says why a run failed.
@@ -74,6 +78,8 @@ class Record:
     saved_vs_eval: float | None = None
     peak_vs_eval: float | None = None
     step_vs_eval: float | None = None
+    step_vs_eval_low: float | None = None
+    step_vs_eval_high: float | None = None
     error: str | None = None
     note: str = ""
 
@@ -156,6 +162,9 @@ def add_ratios(records: list[Record]) -> None:
         r.saved_vs_eval = _ratio(r.saved_bytes, e.saved_bytes)
         r.peak_vs_eval = _ratio(r.peak_bytes, e.peak_bytes)
         r.step_vs_eval = step_ratio(r, e)
+        interval = _interval(r, e)
+        if interval is not None:
+            r.step_vs_eval_low, r.step_vs_eval_high = interval
 
 
 def step_ratio(a: Record, b: Record) -> float | None:
@@ -180,6 +189,36 @@ def _round_ratios(a: Record, b: Record) -> list[float] | None:
     if a.error or b.error or len(ra) < 2 or len(ra) != len(rb) or not all(y > 0 for y in rb):
         return None
     return [x / y for x, y in zip(ra, rb)]
+
+
+def median_interval(
+    values: list[float], level: float = INTERVAL_LEVEL
+) -> tuple[float, float] | None:
+    """An interval that holds, with probability at least ``level``, the median of the
+    distribution that ``values`` are independent draws from, whatever its shape: the k-th
+    smallest and the k-th largest value, for the largest k with P(Binomial(n, 1/2) < k)
+    at most ``(1 - level) / 2`` (each value falls below the median with probability 1/2).
+    For 10 rounds at 95%: the 2nd smallest and the 2nd largest (coverage 97.9%). None
+    when there are too few values for any such interval (fewer than 6 at 95%).
+    """
+    n = len(values)
+    tail = (1 - level) / 2
+    k, below = 0, 0.0
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n  # P(Binomial(n, 1/2) = k)
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
+
+
+def _interval(a: Record, b: Record) -> tuple[float, float] | None:
+    """The :func:`median_interval` of the per-round ratios ``a / b``, when they pair."""
+    ratios = _round_ratios(a, b)
+    return median_interval(ratios) if ratios else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -321,18 +360,33 @@ def format_table(records: list[Record]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(row) for row in rows])
 
 
-def _verdict(value: float, target: float) -> str:
-    return f"target <= {target}: {'met' if value <= target else 'MISSED'}"
+def _verdict(value: float, target: float, interval: tuple[float, float] | None = None) -> str:
+    """Met or missed, by the measured ratio; for a step ratio whose rounds' interval
+    holds the target, that these rounds cannot tell which (the noise is too large)."""
+    text = f"target <= {target}: {'met' if value <= target else 'MISSED'}"
+    if interval is not None and interval[0] <= target <= interval[1]:
+        text += (
+            f"; its {INTERVAL_LEVEL:.0%} interval holds {target}: at this noise these "
+            "rounds cannot tell"
+        )
+    return text
 
 
 def _spread(a: Record, b: Record) -> str:
-    """The range of the per-round ratios ``a / b`` (how far the noise goes) and the ratio
-    of the two medians, when :func:`step_ratio` used the rounds."""
+    """The range of the per-round ratios ``a / b`` (how far the noise goes), the
+    :func:`median_interval` of their median, and the ratio of the two medians, when
+    :func:`step_ratio` used the rounds."""
     ratios = _round_ratios(a, b)
     if not ratios:
         return ""
     medians = _ratio(a.step_s, b.step_s)
-    return f" [rounds {min(ratios):.2f}-{max(ratios):.2f}, medians' ratio {medians:.3f}]"
+    interval = median_interval(ratios)
+    held = (
+        f", {INTERVAL_LEVEL:.0%} interval {interval[0]:.3f}-{interval[1]:.3f}"
+        if interval is not None
+        else ""
+    )
+    return f" [rounds {min(ratios):.2f}-{max(ratios):.2f}{held}, medians' ratio {medians:.3f}]"
 
 
 def format_summary(records: list[Record]) -> str:
@@ -360,14 +414,14 @@ def format_summary(records: list[Record]) -> str:
         step = step_ratio(tune, eval_) if eval_ else None
         if step is not None:
             verdict = (
-                _verdict(step, TARGET_STEP_VS_EVAL)
+                _verdict(step, TARGET_STEP_VS_EVAL, _interval(tune, eval_))
                 if model == TARGET_STEP_VS_EVAL_MODEL
                 else f"the {TARGET_STEP_VS_EVAL} target is set for {TARGET_STEP_VS_EVAL_MODEL}"
             )
             parts.append(f"step tune/eval {step:.3f}{_spread(tune, eval_)} ({verdict})")
         step = step_ratio(tune, deploy) if deploy else None
         if step is not None:
-            verdict = _verdict(step, TARGET_STEP_VS_DEPLOY)
+            verdict = _verdict(step, TARGET_STEP_VS_DEPLOY, _interval(tune, deploy))
             parts.append(f"step tune/deploy {step:.3f}{_spread(tune, deploy)} ({verdict})")
         step = step_ratio(deploy, eval_) if deploy and eval_ else None
         if step is not None:
