@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 import torchvision
+from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 import convbn
@@ -46,16 +47,45 @@ def _classifier(name):
     return randomize_norms(getattr(torchvision.models, name)(**kwargs)).eval()
 
 
-def _loss_and_grads(model, run):
+def _loss_and_grads(model, run, clipped=None):
+    """The loss and every parameter's gradient; ``clipped``: a list that receives, for
+    every call of a clipping activation (ReLU, ReLU6, Hardtanh), where its output sits
+    on a clip."""
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(0)
-    out = run(model)
+    handles = []
+    if clipped is not None:
+        for module in model.modules():
+            if isinstance(module, (nn.ReLU, nn.Hardtanh)):
+                handles.append(module.register_forward_hook(_record_clips(clipped)))
+    try:
+        torch.manual_seed(0)
+        out = run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
     out.backward()
     grads = [
         p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
         for p in model.parameters()
     ]
     return out.detach(), grads
+
+
+def _record_clips(clipped):
+    def hook(module, inputs, out):
+        if isinstance(module, nn.Hardtanh):  # ReLU6 too
+            clipped.append(((out <= module.min_val) | (out >= module.max_val)).clone())
+        else:
+            clipped.append((out <= 0).clone())
+
+    return hook
+
+
+def _clips_flipped(a, b) -> int:
+    """How many activation outputs sit on a clip in one run and not in the other."""
+    if len(a) != len(b) or any(u.shape != v.shape for u, v in zip(a, b)):
+        return -1  # the calls do not correspond: treat as flipped
+    return sum(int((u != v).sum()) for u, v in zip(a, b))
 
 
 def _global_err(a, b):
@@ -78,17 +108,25 @@ def _check(model, run, run64=None):
     for u, v in zip(got64[1], ref[1]):
         assert rel_err(u, v) < 1e-8
 
-    eval32 = _loss_and_grads(model, run)
+    eval_clips, tune_clips = [], []
+    eval32 = _loss_and_grads(model, run, eval_clips)
     tuned = convbn.tune(copy.deepcopy(model))
     report = convbn.report(tuned)
     assert report.converted
-    got = _loss_and_grads(tuned, run)
+    got = _loss_and_grads(tuned, run, tune_clips)
     assert rel_err(got[0], ref[0]) <= max(3 * rel_err(eval32[0], ref[0]), 1e-5)
     eval_err, tune_err = _global_err(eval32[1], ref[1]), _global_err(got[1], ref[1])
     # float32 rounding differs between the two orders of computation and is amplified
     # through deep nets (dilated ResNets on tiny inputs: 3-4x Eval's own error seen); the
-    # exact check is the float64 one above.
-    assert tune_err <= max(10 * eval_err, 1e-3), (tune_err, eval_err)
+    # exact check is the float64 one above. Where rounding puts an activation just on the
+    # other side of a ReLU's clip, the gradient through it changes entirely: seen on an
+    # AVX-512 CPU, wide_resnet50_2 at 32^2, one of 8,192 elements of layer4.0's first
+    # ReLU (3.5e-7 in Tune, 0 in Eval, of outputs up to 120) made Tune's gradients 2e-3
+    # from float64 against Eval's 7e-7. Then the floor is raised to what a gross error
+    # would exceed.
+    flipped = _clips_flipped(eval_clips, tune_clips)
+    bound = max(10 * eval_err, 1e-3 if flipped == 0 else 5e-2)
+    assert tune_err <= bound, (tune_err, eval_err, flipped)
 
     owned = list(tuned.parameters()) + list(tuned.buffers())
     tune_bytes = saved_during(lambda: run(tuned), owned)
