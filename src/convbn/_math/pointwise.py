@@ -20,7 +20,7 @@ weight gradient made the pair 1.01-1.17 times slower than one torch call for all
 gradients (25 shapes at 14 x 14 and 7 x 7), so there torch computes them all.
 On a 2-core AMD EPYC with AVX-512 (2026-12-02), oneDNN's convolutions are faster and the
 products gain less: inside ResNet-50 at batch 8, about 1% of a step (the 64 -> 256 at 56 x 56
-most, 111 -> 95 ms a step for its four; even at 28 x 28), and products only from 56 x 56
+most, 111 -> about 95 ms a step for its four; even at 28 x 28), and products only from 56 x 56
 changed nothing measurable, so the thresholds stay.
 
 Tune mode owns its pair's kernels, so it can pick these; Deploy mode and the user's
