@@ -179,6 +179,13 @@ def test_results_structure(run):
     assert "saved MiB" in proc.stdout and "tune/deploy" in proc.stdout
     assert "tune/tune-conv" in proc.stdout
     assert "step deploy-products/eval" in proc.stdout and "tune/deploy-products" in proc.stdout
+    # Every run's page faults per step were counted (zero when malloc reused its pages).
+    assert all(
+        isinstance(r["minor_faults"], int) and r["minor_faults"] >= 0
+        for r in records
+        if r["error"] is None
+    )
+    assert "minor page faults per step" in proc.stdout
 
 
 def test_tune_memory_and_equivalence(run):
@@ -367,8 +374,8 @@ def test_aggregate_and_table():
     assert rel_err(torch.ones(3), torch.ones(4)) == math.inf
 
 
-def _timed(mode, rounds, error=None):
-    record = Record("resnet50", mode, 8, 224, "fp32", "cpu", error=error)
+def _timed(mode, rounds, error=None, model="resnet50"):
+    record = Record(model, mode, 8, 224, "fp32", "cpu", error=error)
     aggregate(record, [{"step_s": t} for t in rounds])
     return record
 
@@ -418,6 +425,36 @@ def test_verdict_says_when_the_rounds_cannot_tell():
     clear = _timed("tune", [0.8, 0.81, 0.79, 0.8, 0.82, 0.78, 0.8, 0.8, 0.83, 0.77])
     summary = format_summary([eval_, clear])
     assert "target <= 0.92: met)" in summary and "cannot tell" not in summary
+
+
+def test_folding_budget_from_deploy_products():
+    # deploy-products (no folding, Tune's kernels) at 0.9 of Eval leaves Tune's folding
+    # 0.92 / 0.9 - 1 = 2.2% of the step for tune/eval <= 0.92.
+    eval_ = _timed("eval", [1.0] * 6)
+    products = _timed("deploy-products", [0.9] * 6)
+    tune = _timed("tune", [0.99] * 6)
+    summary = format_summary([eval_, products, tune])
+    assert "tune/deploy-products must be <= 1.022: Tune's folding may cost 2.2%" in summary
+    assert "step tune/deploy-products 1.100" in summary
+    slow = _timed("deploy-products", [0.95] * 6)
+    assert "above the 0.92 target already" in format_summary([eval_, slow, tune])
+    # The target is set for ResNet-50: another model gets no budget.
+    other = [
+        _timed(mode, [t] * 6, model="resnet18")
+        for mode, t in (("eval", 1.0), ("deploy-products", 0.9), ("tune", 0.99))
+    ]
+    summary = format_summary(other)
+    assert "step deploy-products/eval 0.900" in summary and "may cost" not in summary
+
+
+def test_minor_faults_recorded_and_printed():
+    eval_ = Record("m", "eval", 1, 32, "fp32", "cpu")
+    aggregate(eval_, [{"step_s": 1.0, "minor_faults": 1234567}, {"step_s": 1.0}])
+    tune = Record("m", "tune", 1, 32, "fp32", "cpu")
+    aggregate(tune, [{"step_s": 1.0, "minor_faults": 89}])
+    assert (eval_.minor_faults, tune.minor_faults) == (1234567, 89)
+    summary = format_summary([eval_, tune])
+    assert "minor page faults per step (median): eval 1,234,567, tune 89" in summary
 
 
 def test_plot_when_every_run_failed(tmp_path):

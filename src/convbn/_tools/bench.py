@@ -316,6 +316,7 @@ def _run_model(
     }
     state: dict[str, dict[str, Any]] = {mode: {} for mode in runnable}
     rounds: dict[str, list[float]] = {mode: [] for mode in runnable}
+    faults: dict[str, list[int]] = {mode: [] for mode in runnable}
     errors: dict[str, str] = {}
 
     def take(mode: str, answer: dict[str, Any]) -> bool:
@@ -348,6 +349,7 @@ def _run_model(
                     times = answers[mode]["times"]
                     state[mode].setdefault("first_step_s", times[0])
                     rounds[mode].append(statistics.median(times))
+                    faults[mode] += answers[mode].get("faults", [])
                 progress.step(f"{info.name} {mode} round {round_ + 1}")
         for mode in runnable:
             if workers[mode].alive:
@@ -366,6 +368,8 @@ def _run_model(
     for mode in runnable:
         steps = rounds[mode]
         per_round = [dict(state[mode], step_s=steps[0] if steps else None)]
+        if faults[mode]:
+            per_round[0]["minor_faults"] = int(statistics.median(faults[mode]))
         per_round += [{"step_s": x} for x in steps[1:]]
         if mode in errors:
             if not steps:

@@ -54,7 +54,8 @@ class Record:
     and ``step_vs_eval_low``/``_high`` the :func:`median_interval` of its rounds' ratios.
     ``out_rel_err`` / ``grad_rel_err``: ``max|a - b| / max|b|`` against Eval (gradients:
     the worst parameter tensor), None when meaningless (``train``, Deploy's gradients)
-    or not measured; ``error`` says why a run failed.
+    or not measured; ``minor_faults``: the median over timed steps of the minor page
+    faults a step took (fresh pages from the kernel); ``error`` says why a run failed.
     """
 
     model: str
@@ -75,6 +76,7 @@ class Record:
     out_rel_err: float | None = None
     grad_rel_err: float | None = None
     grad_params: str | None = None
+    minor_faults: int | None = None
     saved_vs_eval: float | None = None
     peak_vs_eval: float | None = None
     step_vs_eval: float | None = None
@@ -101,6 +103,7 @@ def aggregate(record: Record, results: list[dict[str, Any]]) -> Record:
     record.pairs = first.get("pairs")
     record.saved_bytes = first.get("saved_bytes")
     record.first_step_s = first.get("first_step_s")
+    record.minor_faults = first.get("minor_faults")
     record.note = _join(record.note, first.get("note", ""))
     peaks = [r["peak_bytes"] for r in ok if r.get("peak_bytes") is not None]
     record.peak_bytes = int(statistics.median(peaks)) if peaks else None
@@ -372,6 +375,25 @@ def _verdict(value: float, target: float, interval: tuple[float, float] | None =
     return text
 
 
+def _folding_budget(products_vs_eval: float) -> str:
+    """What the Tune/Eval target leaves Tune's folding, given Deploy with Tune's kernels.
+
+    Tune computes what ``deploy-products`` computes plus the folding (``w'`` in forward
+    and again in backward, the weight-sized dot for dJ/dgamma, ``dJ/dw = a * dJ/dw'``,
+    the per-pair work), so ``tune/eval = deploy-products/eval * tune/deploy-products``.
+    """
+    if products_vs_eval >= TARGET_STEP_VS_EVAL:
+        return (
+            f"above the {TARGET_STEP_VS_EVAL} target already: no Tune reaches it with "
+            "these kernels in this run"
+        )
+    budget = TARGET_STEP_VS_EVAL / products_vs_eval - 1
+    return (
+        f"for tune/eval <= {TARGET_STEP_VS_EVAL}, tune/deploy-products must be "
+        f"<= {1 + budget:.3f}: Tune's folding may cost {budget:.1%} of the step"
+    )
+
+
 def _spread(a: Record, b: Record) -> str:
     """The range of the per-round ratios ``a / b`` (how far the noise goes), the
     :func:`median_interval` of their median, and the ratio of the two medians, when
@@ -433,9 +455,12 @@ def format_summary(records: list[Record]) -> str:
         if products is not None:
             step = step_ratio(products, eval_) if eval_ else None
             if step is not None:
+                budget = ""
+                if model == TARGET_STEP_VS_EVAL_MODEL:
+                    budget = "; " + _folding_budget(step)
                 parts.append(
                     f"step deploy-products/eval {step:.3f}{_spread(products, eval_)} (Deploy "
-                    "with Tune's kernels: the lowest Tune/eval those kernels allow)"
+                    f"with Tune's kernels: the lowest Tune/eval those kernels allow{budget})"
                 )
             step = step_ratio(tune, products)
             if step is not None:
@@ -461,6 +486,13 @@ def format_summary(records: list[Record]) -> str:
             ratio = step_ratio(tune, modes[other]) if other in modes else None
             if ratio is not None:
                 parts.append(f"step tune/{other} {ratio:.3f}")
+        faults = [(m, r.minor_faults) for m, r in modes.items() if r.minor_faults is not None]
+        if faults:
+            parts.append(
+                "minor page faults per step (median): "
+                + ", ".join(f"{m} {n:,}" for m, n in faults)
+                + " (fresh pages from the kernel; each costs time inside the step)"
+            )
         if parts:
             lines.append(f"{model}:")
             lines += [f"  {p}" for p in parts]

@@ -8,7 +8,7 @@ anything else the process prints goes to stderr):
 - at start, after building the model (seeded), its inputs, putting it in the mode,
   snapshotting its tensors and reading the memory baseline: ``{"ready": true, ...}``;
 - ``{"cmd": "steps", "n": N}``: N training steps (forward, backward, SGD with
-  momentum), answered with each step's wall time;
+  momentum), answered with each step's wall time and minor page faults;
 - ``{"cmd": "finish"}``: the peak memory over all steps, then, when ``check_path``
   is set, the snapshot is put back and one forward + backward on the check input
   counts the bytes autograd saves (``saved_bytes``) and writes the output and the
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -145,6 +146,10 @@ def _to_device(value: Any, device: torch.device, memory_format: torch.memory_for
     return value
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -205,11 +210,17 @@ class Session:
         self.memory = _PeakMemory(device)
         result.peak_method = self.memory.method
 
-    def steps(self, n: int) -> list[float]:
-        """``n`` training steps; the wall time of each."""
-        times = []
+    def steps(self, n: int) -> tuple[list[float], list[int]]:
+        """``n`` training steps; the wall time and the minor page faults of each.
+
+        A minor page fault is the kernel handing the process a fresh page: on the CPU,
+        glibc's malloc gives large freed blocks back to the kernel and takes new ones,
+        and every first touch of a new page costs a fault (a few microseconds each).
+        """
+        times, faults = [], []
         for _ in range(n):
             _sync(self.device)
+            before = _minor_faults()
             start = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(self.forward())
@@ -218,7 +229,8 @@ class Session:
             del loss
             _sync(self.device)
             times.append(time.perf_counter() - start)
-        return times
+            faults.append(_minor_faults() - before)
+        return times, faults
 
     def finish(self) -> WorkerResult:
         """The peak memory over every step, then the check (when asked for)."""
@@ -301,7 +313,8 @@ def serve(spec: WorkerSpec, commands: TextIO, replies: TextIO) -> int:
         for line in commands:
             command = json.loads(line)
             if command["cmd"] == "steps":
-                reply({"times": session.steps(int(command["n"]))})
+                times, faults = session.steps(int(command["n"]))
+                reply({"times": times, "faults": faults})
             elif command["cmd"] == "finish":
                 reply(asdict(session.finish()))
                 return 0
