@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 try:
@@ -49,6 +50,7 @@ class ConvBNTune(Callback):
         self.example_inputs = example_inputs
         self.restore_on_end = restore_on_end
         self.reports: dict[str, convbn.Report] = {}
+        self._tuned: list = []
 
     def _targets(self, pl_module):
         if self.modules is None:
@@ -56,13 +58,18 @@ class ConvBNTune(Callback):
         return {name: pl_module.get_submodule(name) for name in self.modules}
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        self._tuned = []
         for name, module in self._targets(pl_module).items():
             convbn.tune(module, self.example_inputs, freeze_bn=self.freeze_bn)
             self.reports[name] = convbn.report(module)
+            self._tuned.append(module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self.restore_on_end:
             return
-        for module in self._targets(pl_module).values():
-            if "_convbn_state" in module.__dict__:
+        for module in self._tuned:
+            # convbn.restore refuses a model that is not converted (any more): the user
+            # may have restored it already.
+            with contextlib.suppress(ValueError):
                 convbn.restore(module)
+        self._tuned = []
