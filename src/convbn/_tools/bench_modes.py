@@ -9,12 +9,6 @@ with torchvision's FrozenBatchNorm2d, which never uses batch statistics.
 - ``eval``: BN in eval mode, computed as PyTorch computes it (the reference).
 - ``tune``: ``convbn.tune`` on the ``eval`` model.
 - ``deploy``: ``convbn.fuse`` on the ``eval`` model (BN folded into new producer params).
-- ``tune-conv``: ``tune`` with the CPU pointwise path off (``CONVBN_CPU_POINTWISE=0``):
-  every producer runs torch's own convolution, as in Deploy; shows what the path adds.
-- ``deploy-products``: ``deploy`` whose folded producers run the kernels Tune picks (the CPU
-  pointwise products where they apply, torch's convolution elsewhere), with nothing else
-  of Tune: what Tune would take if its folding cost nothing. No Tune can beat it with
-  these kernels, which is how far below Eval Tune can go on this machine.
 - ``tune-paper``: the paper's formulation: each pair's BN replaced by ``nn.Identity`` and
   its producer wrapped so that it computes ``conv(x, *fold_tensors(...))`` with autograd
   through the fold (the folded weight is kept for backward). Same parameter objects.
@@ -36,8 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 import convbn
-from convbn._math import pointwise
-from convbn._math.tune_autograd import OpSpec, _op_backward, apply_op
+from convbn._tools.modules import replace_modules
 from convbn.functional import fold_tensors
 
 __all__ = [
@@ -50,7 +43,6 @@ __all__ = [
     "apply_mode",
     "PaperTuneProducer",
     "FrozenScaleShift",
-    "ProductConv",
 ]
 
 MODES = (
@@ -58,8 +50,6 @@ MODES = (
     "eval",
     "tune",
     "deploy",
-    "tune-conv",
-    "deploy-products",
     "tune-paper",
     "inductor",
     "compiled-tune",
@@ -72,7 +62,6 @@ COMPILED_MODES = frozenset({"inductor", "compiled-tune"})
 GRADS_DIFFER = {
     "train": "batch statistics: a different function",
     "deploy": "fused parameters w', b' replace w, b, gamma, beta",
-    "deploy-products": "fused parameters w', b' replace w, b, gamma, beta",
 }
 
 
@@ -100,13 +89,6 @@ def freeze_bn(model: nn.Module) -> nn.Module:
         if isinstance(m, _BatchNorm):
             m.eval()
     return model
-
-
-def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for module in list(model.modules()):
-        for key, child in list(module._modules.items()):
-            if child is old:
-                module._modules[key] = new
 
 
 class PaperTuneProducer(nn.Module):
@@ -161,70 +143,12 @@ def to_paper_tune(model: nn.Module) -> int:
         (model.get_submodule(p), model.get_submodule(b)) for p, b in convbn.report(model).converted
     ]
     convbn.restore(model)
+    new: dict[nn.Module, nn.Module] = {}
     for producer, bn in pairs:
-        _replace_everywhere(model, bn, nn.Identity())
-        _replace_everywhere(model, producer, PaperTuneProducer(producer, bn))
+        new[bn] = nn.Identity()
+        new[producer] = PaperTuneProducer(producer, bn)
+    replace_modules(model, new.get)
     return len(pairs)
-
-
-class _ProductConvFunction(torch.autograd.Function):
-    """A convolution computed by Tune's kernel choice (``apply_op``, ``_op_backward``)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, spec):
-        ctx.save_for_backward(x, weight)
-        ctx.spec = spec
-        ctx.has_bias = bias is not None
-        return apply_op(spec, x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        mask = [n[0], n[1], ctx.has_bias and n[2]]
-        gx, gw, gb = _op_backward(ctx.spec, grad_out, x, x.shape, weight, mask)
-        return gx, gw, gb, None
-
-
-class ProductConv(nn.Module):
-    """A Conv1d/2d/3d (zeros padding) computed with the kernels Tune picks for it; holds
-    the convolution, so its parameters and their names stay the same."""
-
-    def __init__(self, conv: _ConvNd):
-        super().__init__()
-        if isinstance(conv, _ConvTransposeNd) or conv.padding_mode != "zeros":
-            raise TypeError("ProductConv: a convolution with zeros padding, not transposed")
-        if isinstance(conv.padding, str):
-            raise TypeError("ProductConv: numeric padding only")
-        self.conv = conv
-        nd = len(conv.kernel_size)
-        self.spec = OpSpec(
-            stride=tuple(conv.stride),
-            padding=tuple(conv.padding),
-            dilation=tuple(conv.dilation),
-            output_padding=(0,) * nd,
-            groups=conv.groups,
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _ProductConvFunction.apply(x, self.conv.weight, self.conv.bias, self.spec)
-
-
-def to_products(model: nn.Module, producers: list[nn.Module]) -> int:
-    """Wrap each of ``producers`` (a pair's producer, folded) that Tune may compute as
-    matrix products in :class:`ProductConv`; the others keep torch's convolution, as in
-    Tune. The number wrapped."""
-    convs = [
-        m
-        for m in producers
-        if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-        and m.padding_mode == "zeros"
-        and not isinstance(m.padding, str)
-        and pointwise.applies(OpSpec(padding=tuple(m.padding), groups=m.groups), m.weight.shape)
-    ]
-    for conv in convs:
-        _replace_everywhere(model, conv, ProductConv(conv))
-    return len(convs)
 
 
 class FrozenScaleShift(nn.Module):
@@ -253,10 +177,12 @@ class FrozenScaleShift(nn.Module):
 
 def to_frozen(model: nn.Module) -> int:
     """Replace every ``_BatchNorm`` by :class:`FrozenScaleShift`; the number replaced."""
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    for bn in bns:
-        _replace_everywhere(model, bn, FrozenScaleShift(bn).to(bn.running_mean.device))
-    return len(bns)
+    return replace_modules(
+        model,
+        lambda m: (
+            FrozenScaleShift(m).to(m.running_mean.device) if isinstance(m, _BatchNorm) else None
+        ),
+    )
 
 
 def _mmengine(model: nn.Module) -> None:
@@ -285,18 +211,13 @@ def apply_mode(model: nn.Module, mode: str, compile_model: bool = False) -> Prep
         model.train()
     else:
         freeze_bn(model)
-    if mode == "tune-conv":
-        pointwise.set_enabled(False)  # each (model, mode) runs in its own process
-    if mode in ("tune", "tune-conv", "compiled-tune"):
+    if mode in ("tune", "compiled-tune"):
         convbn.tune(model)
         pairs = len(convbn.report(model).converted)
-    elif mode in ("deploy", "deploy-products"):
+    elif mode == "deploy":
         convbn.tune(model)
-        producers = [model.get_submodule(p) for p, _ in convbn.report(model).converted]
-        pairs = len(producers)
+        pairs = len(convbn.report(model).converted)
         convbn.fuse(model)
-        if mode == "deploy-products":
-            to_products(model, producers)
     elif mode == "tune-paper":
         pairs = to_paper_tune(model)
     elif mode == "frozenbn":

@@ -4,10 +4,7 @@ outputs (results.json, results.csv, bench.png, the printed table and summary).""
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
-import platform
 import statistics
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,32 +12,26 @@ from typing import Any
 
 import torch
 
-from convbn._tools.bench_modes import GRADS_DIFFER
+from convbn._tools.bench_modes import COMPILED_MODES, GRADS_DIFFER
+from convbn._tools.measure import rel_err
+from convbn._tools.output import MIB, format_table, json_safe, mib, pyplot, write_json
 
 __all__ = [
     "Record",
     "aggregate",
-    "rel_err",
     "compare_with_eval",
     "add_ratios",
     "step_ratio",
     "median_interval",
-    "machine_info",
     "write_results",
-    "format_table",
+    "results_table",
     "format_summary",
     "plot",
 ]
 
-MIB = 2**20
-# Targets of issue 4 (Tune against Deploy and Eval); the measured figures are compared
-# with these, never assumed.
-TARGET_SAVED_VS_DEPLOY = 1.005
-TARGET_STEP_VS_EVAL = 0.92
-TARGET_STEP_VS_EVAL_MODEL = "resnet50"
-TARGET_STEP_VS_DEPLOY = 1.05
 # The coverage of the interval printed beside each step ratio (see median_interval).
 INTERVAL_LEVEL = 0.95
+NO_PAIR = "no pair converted"
 
 
 @dataclass
@@ -52,9 +43,9 @@ class Record:
     over every step of the worker (warm-up and rounds). ``step_s``: median over rounds
     of each round's median step time; ``step_vs_eval``: :func:`step_ratio` to Eval,
     and ``step_vs_eval_low``/``_high`` the :func:`median_interval` of its rounds' ratios.
-    ``out_rel_err`` / ``grad_rel_err``: ``max|a - b| / max|b|`` against Eval (gradients:
-    the worst parameter tensor), None when meaningless (``train``, Deploy's gradients)
-    or not measured; ``minor_faults``: the median over timed steps of the minor page
+    ``out_rel_err`` / ``grad_rel_err``: :func:`~convbn._tools.measure.rel_err` against Eval
+    (``max|a - b| / max|b|``; gradients: over every parameter gradient together), None
+    when meaningless (``train``, Deploy's gradients) or not measured; ``minor_faults``: the median over timed steps of the minor page
     faults a step took (fresh pages from the kernel); ``error`` says why a run failed.
     """
 
@@ -116,21 +107,6 @@ def _join(a: str, b: str) -> str:
     return "; ".join(x for x in (a, b) if x)
 
 
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """``max|a - ref| / max|ref|`` in float64 (``max|a - ref|`` when ``ref`` is all zero);
-    ``inf`` when the shapes differ or ``a`` is not finite."""
-    if a.shape != ref.shape:
-        return math.inf
-    a, ref = a.double(), ref.double()
-    if a.numel() == 0:
-        return 0.0
-    diff = (a - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    if math.isnan(diff):
-        return math.inf
-    return diff / scale if scale > 0 else diff
-
-
 def compare_with_eval(records: list[Record], checks: dict[str, Path]) -> None:
     """Set ``out_rel_err``/``grad_rel_err`` of one model's records from the check files
     (mode -> path) its workers wrote; Eval's is the reference."""
@@ -152,7 +128,9 @@ def compare_with_eval(records: list[Record], checks: dict[str, Path]) -> None:
         common = [n for n in ref["grads"] if n in got["grads"]]
         record.grad_params = f"{len(common)}/{len(ref['grads'])}"
         if common:
-            record.grad_rel_err = max(rel_err(got["grads"][n], ref["grads"][n]) for n in common)
+            record.grad_rel_err = rel_err(
+                [got["grads"][n] for n in common], [ref["grads"][n] for n in common]
+            )
 
 
 def add_ratios(records: list[Record]) -> None:
@@ -230,65 +208,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def machine_info(device: str, threads: int | None = None) -> dict[str, Any]:
-    """Versions, threads, CPU model, GPU name and load: what the figures depend on."""
-    import convbn
-    from convbn._math import pointwise
-
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        cpu = platform.processor()
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
-        "convbn": convbn.__version__,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads or torch.get_num_threads(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        # Tune's CPU pointwise path (CONVBN_CPU_POINTWISE); the tune-conv mode turns it off.
-        "cpu_pointwise": pointwise.enabled(),
-    }
-    try:
-        with open("/proc/loadavg") as f:
-            info["loadavg_start"] = " ".join(f.read().split()[:3])
-    except OSError:
-        pass
-    if device == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else "inf"
-    return value
-
-
 def write_results(out: Path, machine: dict[str, Any], records: list[Record], argv: list[str]):
     """``results.json`` and ``results.csv`` under ``out`` (created)."""
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [{k: _json_value(v) for k, v in asdict(r).items()} for r in records]
+    rows = [json_safe(asdict(r)) for r in records]
     payload = {"machine": machine, "command": ["convbn", "bench", *argv], "records": rows}
-    (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_json(out / "results.json", payload)
     names = [f.name for f in fields(Record)]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=names)
@@ -302,6 +226,11 @@ def write_results(out: Path, machine: dict[str, Any], records: list[Record], arg
 # --------------------------------------------------------------------------- text
 
 
+def _converted_nothing(record: Record) -> bool:
+    """A mode that converts pairs (``pairs`` is counted) and found none: nothing to compare."""
+    return record.pairs == 0
+
+
 def _fmt(value: float | None, spec: str) -> str:
     if value is None:
         return "-"
@@ -310,88 +239,40 @@ def _fmt(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
-def _mib(value: int | None) -> str:
-    return "-" if value is None else f"{value / MIB:.1f}"
-
-
-def format_table(records: list[Record]) -> str:
-    """A fixed-width table: one line per record, errors in the last column."""
+def results_table(records: list[Record], markdown: bool = False) -> str:
+    """One line per record: its measurements, its ratios to Eval in the same run (with the
+    95% interval of the step ratio), the error against Eval, and errors or notes last."""
     header = (
-        "model",
-        "mode",
-        "pairs",
-        "saved MiB",
-        "peak MiB",
-        "step s",
-        "saved/eval",
-        "peak/eval",
-        "step/eval",
-        "out err",
-        "grad err",
-        "error",
-    )
+        "model", "mode", "pairs", "saved MiB", "peak MiB", "step s", "saved/eval",
+        "peak/eval", "step/eval", f"{INTERVAL_LEVEL:.0%} interval", "out err", "grad err",
+        "note",
+    )  # fmt: skip
     rows = []
     for r in records:
-        mode = r.mode + (
-            " (compiled)" if r.compiled and r.mode not in ("inductor", "compiled-tune") else ""
-        )
+        compiled = r.compiled and r.mode not in COMPILED_MODES
+        reference = r.mode == "eval" and not r.error
+        compare = not _converted_nothing(r)
+        interval = "-"
+        if compare and not reference and r.step_vs_eval_low is not None:
+            interval = f"{r.step_vs_eval_low:.3f}-{r.step_vs_eval_high:.3f}"
         rows.append(
             (
                 r.model,
-                mode,
+                r.mode + (" (compiled)" if compiled else ""),
                 "-" if r.pairs is None else str(r.pairs),
-                _mib(r.saved_bytes),
-                _mib(r.peak_bytes),
+                mib(r.saved_bytes),
+                mib(r.peak_bytes),
                 _fmt(r.step_s, ".3f"),
-                _fmt(r.saved_vs_eval, ".3f"),
-                _fmt(r.peak_vs_eval, ".3f"),
-                _fmt(r.step_vs_eval, ".3f"),
-                "ref" if r.mode == "eval" and not r.error else _fmt(r.out_rel_err, ".1e"),
-                "ref" if r.mode == "eval" and not r.error else _fmt(r.grad_rel_err, ".1e"),
-                r.error or "",
+                _fmt(r.saved_vs_eval if compare else None, ".3f"),
+                _fmt(r.peak_vs_eval if compare else None, ".3f"),
+                _fmt(r.step_vs_eval if compare else None, ".3f"),
+                interval,
+                "ref" if reference else _fmt(r.out_rel_err, ".1e"),
+                "ref" if reference else _fmt(r.grad_rel_err, ".1e"),
+                r.error or ("" if compare else NO_PAIR),
             )
         )
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    numeric = set(range(2, 11))
-
-    def line(cells) -> str:
-        parts = [
-            c.rjust(widths[i]) if i in numeric else c.ljust(widths[i]) for i, c in enumerate(cells)
-        ]
-        return "  ".join(parts).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(row) for row in rows])
-
-
-def _verdict(value: float, target: float, interval: tuple[float, float] | None = None) -> str:
-    """Met or missed, by the measured ratio; for a step ratio whose rounds' interval
-    holds the target, that these rounds cannot tell which (the noise is too large)."""
-    text = f"target <= {target}: {'met' if value <= target else 'MISSED'}"
-    if interval is not None and interval[0] <= target <= interval[1]:
-        text += (
-            f"; its {INTERVAL_LEVEL:.0%} interval holds {target}: at this noise these "
-            "rounds cannot tell"
-        )
-    return text
-
-
-def _folding_budget(products_vs_eval: float) -> str:
-    """What the Tune/Eval target leaves Tune's folding, given Deploy with Tune's kernels.
-
-    Tune computes what ``deploy-products`` computes plus the folding (``w'`` in forward
-    and again in backward, the weight-sized dot for dJ/dgamma, ``dJ/dw = a * dJ/dw'``,
-    the per-pair work), so ``tune/eval = deploy-products/eval * tune/deploy-products``.
-    """
-    if products_vs_eval >= TARGET_STEP_VS_EVAL:
-        return (
-            f"above the {TARGET_STEP_VS_EVAL} target already: no Tune reaches it with "
-            "these kernels in this run"
-        )
-    budget = TARGET_STEP_VS_EVAL / products_vs_eval - 1
-    return (
-        f"for tune/eval <= {TARGET_STEP_VS_EVAL}, tune/deploy-products must be "
-        f"<= {1 + budget:.3f}: Tune's folding may cost {budget:.1%} of the step"
-    )
+    return format_table(header, rows, markdown=markdown, align="llrrrrrrrrrrl")
 
 
 def _spread(a: Record, b: Record) -> str:
@@ -406,98 +287,64 @@ def _spread(a: Record, b: Record) -> str:
     held = (
         f", {INTERVAL_LEVEL:.0%} interval {interval[0]:.3f}-{interval[1]:.3f}"
         if interval is not None
-        else ""
+        else f", too few rounds for a {INTERVAL_LEVEL:.0%} interval"
     )
     return f" [rounds {min(ratios):.2f}-{max(ratios):.2f}{held}, medians' ratio {medians:.3f}]"
 
 
-def format_summary(records: list[Record]) -> str:
-    """Tune against Deploy, tune-paper, inductor and Eval, per model, with the targets."""
+def _model_summary(modes: dict[str, Record]) -> list[str]:
+    """The lines of one model's summary: Tune's saved bytes and step time against the other
+    modes, Deploy's step against Eval's, the page faults per step."""
+    parts = [f"{mode}: {NO_PAIR}" for mode, r in modes.items() if _converted_nothing(r)]
+    modes = {mode: r for mode, r in modes.items() if not _converted_nothing(r)}
+    tune, deploy, eval_ = modes.get("tune"), modes.get("deploy"), modes.get("eval")
+    if tune is not None:
+        for other in ("deploy", "eval", "tune-paper", "inductor", "compiled-tune"):
+            ratio = _ratio(tune.saved_bytes, modes[other].saved_bytes) if other in modes else None
+            if ratio is not None:
+                parts.append(f"saved tune/{other} {ratio:.3f}")
+        for other in ("eval", "deploy"):
+            ratio = step_ratio(tune, modes[other]) if other in modes else None
+            if ratio is not None:
+                parts.append(f"step tune/{other} {ratio:.3f}{_spread(tune, modes[other])}")
+    if deploy is not None and eval_ is not None:
+        ratio = step_ratio(deploy, eval_)
+        if ratio is not None:
+            parts.append(f"step deploy/eval {ratio:.3f}{_spread(deploy, eval_)} (no BN at all)")
+    if tune is not None:
+        for other in ("tune-paper", "inductor"):
+            ratio = step_ratio(tune, modes[other]) if other in modes else None
+            if ratio is not None:
+                parts.append(f"step tune/{other} {ratio:.3f}")
+    faults = [(m, r.minor_faults) for m, r in modes.items() if r.minor_faults is not None]
+    if faults:
+        parts.append(
+            "minor page faults per step (median): "
+            + ", ".join(f"{m} {n:,}" for m, n in faults)
+            + " (fresh pages from the kernel; each costs time inside the step)"
+        )
+    return parts
+
+
+def format_summary(records: list[Record], markdown: bool = False) -> str:
+    """Per model, Tune against the other modes (ratios, the per-round spread and the 95%
+    interval of each step ratio), and the runs that failed; a bulleted list in markdown."""
     lines = []
     by_model: dict[str, dict[str, Record]] = {}
     for r in records:
         if not r.error:
             by_model.setdefault(r.model, {})[r.mode] = r
     for model, modes in by_model.items():
-        tune = modes.get("tune")
-        if tune is None:
+        parts = _model_summary(modes)
+        if not parts:
             continue
-        parts = []
-        deploy, eval_ = modes.get("deploy"), modes.get("eval")
-        saved = _ratio(tune.saved_bytes, deploy.saved_bytes) if deploy else None
-        if saved is not None:
-            parts.append(
-                f"saved tune/deploy {saved:.3f} ({_verdict(saved, TARGET_SAVED_VS_DEPLOY)})"
-            )
-        for other in ("eval", "tune-paper", "inductor", "compiled-tune"):
-            ratio = _ratio(tune.saved_bytes, modes[other].saved_bytes) if other in modes else None
-            if ratio is not None:
-                parts.append(f"saved tune/{other} {ratio:.3f}")
-        step = step_ratio(tune, eval_) if eval_ else None
-        if step is not None:
-            verdict = (
-                _verdict(step, TARGET_STEP_VS_EVAL, _interval(tune, eval_))
-                if model == TARGET_STEP_VS_EVAL_MODEL
-                else f"the {TARGET_STEP_VS_EVAL} target is set for {TARGET_STEP_VS_EVAL_MODEL}"
-            )
-            parts.append(f"step tune/eval {step:.3f}{_spread(tune, eval_)} ({verdict})")
-        step = step_ratio(tune, deploy) if deploy else None
-        if step is not None:
-            verdict = _verdict(step, TARGET_STEP_VS_DEPLOY, _interval(tune, deploy))
-            parts.append(f"step tune/deploy {step:.3f}{_spread(tune, deploy)} ({verdict})")
-        step = step_ratio(deploy, eval_) if deploy and eval_ else None
-        if step is not None:
-            parts.append(
-                f"step deploy/eval {step:.3f}{_spread(deploy, eval_)} (no BN at all; Tune runs "
-                "Deploy's convolutions except the CPU pointwise ones, see tune-conv)"
-            )
-        products = modes.get("deploy-products")
-        if products is not None:
-            step = step_ratio(products, eval_) if eval_ else None
-            if step is not None:
-                budget = ""
-                if model == TARGET_STEP_VS_EVAL_MODEL:
-                    budget = "; " + _folding_budget(step)
-                parts.append(
-                    f"step deploy-products/eval {step:.3f}{_spread(products, eval_)} (Deploy "
-                    f"with Tune's kernels: the lowest Tune/eval those kernels allow{budget})"
-                )
-            step = step_ratio(tune, products)
-            if step is not None:
-                parts.append(
-                    f"step tune/deploy-products {step:.3f}{_spread(tune, products)} "
-                    "(what Tune's folding costs)"
-                )
-        conv = modes.get("tune-conv")
-        if conv is not None:
-            step = step_ratio(conv, eval_) if eval_ else None
-            if step is not None:
-                parts.append(f"step tune-conv/eval {step:.3f}{_spread(conv, eval_)}")
-            step = step_ratio(conv, deploy) if deploy else None
-            if step is not None:
-                parts.append(f"step tune-conv/deploy {step:.3f}{_spread(conv, deploy)}")
-            step = step_ratio(tune, conv)
-            if step is not None:
-                parts.append(
-                    f"step tune/tune-conv {step:.3f}{_spread(tune, conv)} "
-                    "(what the CPU pointwise path changes)"
-                )
-        for other in ("tune-paper", "inductor"):
-            ratio = step_ratio(tune, modes[other]) if other in modes else None
-            if ratio is not None:
-                parts.append(f"step tune/{other} {ratio:.3f}")
-        faults = [(m, r.minor_faults) for m, r in modes.items() if r.minor_faults is not None]
-        if faults:
-            parts.append(
-                "minor page faults per step (median): "
-                + ", ".join(f"{m} {n:,}" for m, n in faults)
-                + " (fresh pages from the kernel; each costs time inside the step)"
-            )
-        if parts:
-            lines.append(f"{model}:")
-            lines += [f"  {p}" for p in parts]
+        if markdown:
+            lines += ([""] if lines else []) + [f"{model}:", ""] + [f"- {p}" for p in parts]
+        else:
+            lines += [f"{model}:"] + [f"  {p}" for p in parts]
     failed = [r for r in records if r.error and not r.error.startswith("unavailable")]
     if failed:
+        lines += [""] if markdown and lines else []
         lines.append(
             f"{len(failed)} run(s) failed: " + ", ".join(f"{r.model}/{r.mode}" for r in failed)
         )
@@ -511,12 +358,8 @@ def plot(records: list[Record], path: Path, title: str) -> bool:
     """Bar charts of saved bytes, peak memory and step time per mode, per model (ratios to
     Eval when every model has an Eval record, absolute otherwise). False, with nothing
     written, when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     ok = [r for r in records if not r.error]
     models = list(dict.fromkeys(r.model for r in ok))

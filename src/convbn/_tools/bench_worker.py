@@ -1,42 +1,40 @@
-"""One model in one mode, in a process of its own, for the whole benchmark run.
+"""One model in one mode, in a worker process of its own for the whole benchmark run.
 
-``python -m convbn._tools.bench_worker SPEC.json`` reads a :class:`WorkerSpec` (as JSON),
-sets the model up, then serves the parent's commands, one JSON object per line on
-stdin, answering each with one JSON line on the reply channel (the original stdout;
-anything else the process prints goes to stderr):
+The parent (``convbn._tools.bench``) starts a :class:`~convbn._tools.process.Worker` per
+mode of a model and calls, in it:
 
-- at start, after building the model (seeded), its inputs, putting it in the mode,
-  snapshotting its tensors and reading the memory baseline: ``{"ready": true, ...}``;
-- ``{"cmd": "steps", "n": N}``: N training steps (forward, backward, SGD with
-  momentum), answered with each step's wall time and minor page faults;
-- ``{"cmd": "finish"}``: the peak memory over all steps, then, when ``check_path``
-  is set, the snapshot is put back and one forward + backward on the check input
-  counts the bytes autograd saves (``saved_bytes``) and writes the output and the
-  parameter gradients (named as in the Eval model) for the parent's equivalence
-  check; answered with the :class:`WorkerResult`, after which the process exits.
+- :func:`start` with the fields of a :class:`WorkerSpec`: builds the model (seeded), its
+  inputs, puts it in the mode, snapshots its tensors and reads the memory baseline;
+  answers the number of converted pairs and a note;
+- :func:`steps` ``(n)``: n training steps (forward, backward, SGD with momentum), answered
+  with each step's wall time and minor page faults;
+- :func:`finish`: the peak memory over all steps, then, when ``check_path`` is set, the
+  snapshot is put back and one forward + backward on the check input counts the bytes
+  autograd saves (``saved_bytes``) and writes the output and the parameter gradients
+  (named as in the Eval model) for the parent's equivalence check; answered with the
+  :class:`WorkerResult`.
 
-A failure answers ``{"error": ...}`` (traceback on stderr) and ends the process.
-The parent (``convbn._tools.bench``) keeps every mode's worker alive and takes
-turns between them, so the rounds interleave without a process start per round.
+The parent keeps every mode's worker alive and takes turns between them, so the rounds
+interleave without a process start per round.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import resource
-import sys
 import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["WorkerSpec", "Session", "serve", "main"]
+from convbn._tools.measure import PeakMemory, count_saved
+from convbn._tools.output import describe_error
+
+__all__ = ["WorkerSpec", "WorkerResult", "Session", "start", "steps", "finish"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR = 1e-4
@@ -70,64 +68,6 @@ class WorkerResult:
     pairs: int | None = None
     threads: int = 0
     note: str = ""
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss(reset_worked: bool) -> int:
-    if reset_worked:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    from convbn._tools.measure import peak_rss_bytes
-
-    return peak_rss_bytes()
-
-
-class _PeakMemory:
-    """Peak memory above a baseline taken at construction.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated at the baseline.
-    CPU: peak RSS minus RSS at the baseline; the peak mark is reset at the baseline
-    when the kernel allows it (``/proc/self/clear_refs``), otherwise the process's
-    lifetime ``ru_maxrss`` is used (which can only overstate).
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            torch.cuda.synchronize(device)
-            self.base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            self.method = "cuda max_memory_allocated"
-        else:
-            self.reset = _reset_peak_rss()
-            self.base = _current_rss()
-            self.method = "VmHWM after reset" if self.reset else "ru_maxrss (lifetime)"
-        self.device = device
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - self.base
-        return _peak_rss(self.reset) - self.base
 
 
 # --------------------------------------------------------------------------- the run
@@ -207,7 +147,7 @@ class Session:
 
         self.forward = forward
         self.optimizer = torch.optim.SGD(self.params, lr=LR, momentum=MOMENTUM)
-        self.memory = _PeakMemory(device)
+        self.memory = PeakMemory(device)
         result.peak_method = self.memory.method
 
     def steps(self, n: int) -> tuple[list[float], list[int]]:
@@ -251,14 +191,13 @@ class Session:
             except Exception as e:
                 # The timings stand; only the check is lost.
                 traceback.print_exc()
-                result.check_error = _describe(e)
+                result.check_error = describe_error(e)
         return result
 
 
 def _check(spec, prepared, snapshot, params, grad_names, forward, loss_fn) -> int:
     """Saved bytes of one step from the initial weights; writes output and gradients."""
     from convbn._tools.bench_models import flat_output
-    from convbn._tools.measure import count_saved
 
     with torch.no_grad():
         for t, saved in snapshot:
@@ -295,51 +234,22 @@ def _no_tf32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _describe(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+_session: Session | None = None
 
 
-def serve(spec: WorkerSpec, commands: TextIO, replies: TextIO) -> int:
-    """Set up, then answer ``commands`` until ``finish``, end of input or a failure."""
-
-    def reply(obj: dict[str, Any]) -> None:
-        replies.write(json.dumps(obj) + "\n")
-        replies.flush()
-
-    try:
-        session = Session(spec)
-        reply({"ready": True, "pairs": session.result.pairs, "note": session.result.note})
-        for line in commands:
-            command = json.loads(line)
-            if command["cmd"] == "steps":
-                times, faults = session.steps(int(command["n"]))
-                reply({"times": times, "faults": faults})
-            elif command["cmd"] == "finish":
-                reply(asdict(session.finish()))
-                return 0
-            else:
-                raise ValueError(f"unknown command {command!r}")
-    except Exception as e:
-        traceback.print_exc()
-        reply({"error": _describe(e)})
-    return 0
+def start(**spec: Any) -> dict[str, Any]:
+    """Set up this process's :class:`Session` from the fields of a :class:`WorkerSpec`."""
+    global _session
+    _session = Session(WorkerSpec(**spec))
+    return {"pairs": _session.result.pairs, "note": _session.result.note}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1:
-        print("usage: python -m convbn._tools.bench_worker SPEC.json", file=sys.stderr)
-        return 2
-    with open(argv[0]) as f:
-        spec = WorkerSpec(**json.load(f))
-    # Replies on the original stdout; whatever the model or a library prints (Python or
-    # C level) goes to stderr instead, so it cannot be mistaken for a reply.
-    replies = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return serve(spec, sys.stdin, replies)
+def steps(n: int) -> dict[str, list]:
+    """``n`` training steps of the session: each one's wall time and minor page faults."""
+    times, faults = _session.steps(int(n))
+    return {"times": times, "faults": faults}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def finish() -> dict[str, Any]:
+    """The session's :class:`WorkerResult` (peak memory, then the check when asked for)."""
+    return asdict(_session.finish())

