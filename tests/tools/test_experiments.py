@@ -342,7 +342,7 @@ def test_transfer_sweep_quick(tmp_path):
         "eval",
         "deploy",
         "--workers",
-        "1",
+        "2",  # the jobs in two worker processes
         "--quick",
         "--out",
         str(tmp_path),

@@ -48,8 +48,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda")
 ZOOS = ("paper",)
 WORKER = "convbn._tools.bench_worker"
-# Enough for a compiled detector on two cores; a worker that takes longer to answer one
-# command counts as failed.
+# Time for one answer of a worker (a compiled detector's warm-up on a small CPU takes long);
+# a worker that takes longer counts as failed.
 WORKER_TIMEOUT_S = 3600
 
 

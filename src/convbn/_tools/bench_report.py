@@ -45,8 +45,9 @@ class Record:
     and ``step_vs_eval_low``/``_high`` the :func:`median_interval` of its rounds' ratios.
     ``out_rel_err`` / ``grad_rel_err``: :func:`~convbn._tools.measure.rel_err` against Eval
     (``max|a - b| / max|b|``; gradients: over every parameter gradient together), None
-    when meaningless (``train``, Deploy's gradients) or not measured; ``minor_faults``: the median over timed steps of the minor page
-    faults a step took (fresh pages from the kernel); ``error`` says why a run failed.
+    when meaningless (``train``, Deploy's gradients) or not measured; ``minor_faults``:
+    the median over timed steps of the minor page faults a step took (fresh pages from
+    the kernel); ``error`` says why a run failed.
     """
 
     model: str
@@ -154,9 +155,8 @@ def step_ratio(a: Record, b: Record) -> float | None:
     Round k of every mode runs at about the same time (the rounds are interleaved), so
     the ratio within a round cancels the machine's slow changes of speed; the ratio
     of the two medians does not, when a slow spell falls on one mode's rounds and not
-    the other's (measured: ResNet-50, 10 rounds, Tune/Eval 0.839 as the medians'
-    ratio against 0.967 as the median of the rounds' ratios). With fewer than two
-    rounds, or a round lost to a failure, the medians' ratio.
+    the other's. With fewer than two rounds, or a round lost to a failure, the medians'
+    ratio.
     """
     ratios = _round_ratios(a, b)
     if ratios:

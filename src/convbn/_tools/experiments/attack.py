@@ -314,7 +314,7 @@ def run(args) -> int:
         }
     plot = _plot(payload, example, os.path.join(args.out, "attack.png"))
     print(summary_table(payload, args.markdown))
-    print(f"\nwritten: {path}" + (f", {plot}" if plot else ""))
+    print(common.written(path, plot))
     return 0
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from convbn._tools.output import format_table, machine_line
 
-__all__ = ["UsageError", "mean_std", "max_loss_diff", "result_table"]
+__all__ = ["UsageError", "mean_std", "max_loss_diff", "result_table", "written"]
 
 
 class UsageError(ValueError):
@@ -39,3 +39,8 @@ def result_table(
     ``environment``), as text or GitHub markdown."""
     table = format_table(header, rows, markdown=markdown)
     return f"{machine_line(payload['environment'])}\n\n{table}"
+
+
+def written(path: object, plot: object | None) -> str:
+    """The closing line: the result file, and the plot or why there is none."""
+    return f"\nwritten: {path}, " + (str(plot) if plot else "no plot (matplotlib not installed)")

@@ -388,7 +388,7 @@ def run(args) -> int:
     path = write_json(os.path.join(args.out, "detection.json"), payload)
     plot = _plot(results, os.path.join(args.out, "detection.png"))
     print(summary_table(payload, args.markdown))
-    print(f"\nwritten: {path}" + (f", {plot}" if plot else ""))
+    print(common.written(path, plot))
     return 0
 
 

