@@ -18,6 +18,9 @@ Outputs: ``<out>/results.json``, ``<out>/results.csv``, ``<out>/bench.png``, and
 ``<out>/logs/<model>-<mode>.log``, the stderr of each failed worker; on stdout the table
 (GitHub markdown with ``--markdown``) under a line naming the machine, and a summary of
 the ratios with their 95% intervals.
+
+``--host-cost`` measures something else instead, in this process: what each converted pair
+costs the host per step (:mod:`convbn._tools.host_cost`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from convbn._tools.bench_modes import COMPILED_MODES, DEFAULT_MODES, MODES, unavailable
+from convbn._tools.host_cost import HOST_COST_DEFAULTS, run_from_args
 from convbn._tools.output import (
     Progress,
     add_markdown_option,
@@ -51,6 +55,8 @@ WORKER = "convbn._tools.bench_worker"
 # Time for one answer of a worker (a compiled detector's warm-up on a small CPU takes long);
 # a worker that takes longer counts as failed.
 WORKER_TIMEOUT_S = 3600
+# The defaults of the options that --host-cost gives other defaults (HOST_COST_DEFAULTS).
+BENCH_DEFAULTS = {"rounds": 6, "steps": 1, "warmup": 1, "modes": ",".join(DEFAULT_MODES)}
 
 
 class _Usage(Exception):
@@ -112,15 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile every mode")
-    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 6; with --host-cost 30)")
     p.add_argument(
-        "--steps", type=int, default=1, help="timed steps per mode per round (default 1)"
+        "--steps", type=int, help="timed steps per mode per round (default 1; with --host-cost 20)"
     )
     p.add_argument(
-        "--warmup", type=int, default=1, help="untimed steps per mode before the rounds (default 1)"
+        "--warmup",
+        type=int,
+        help="untimed steps per mode before the rounds (default 1; with --host-cost 3)",
     )
     p.add_argument(
-        "--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated: {', '.join(MODES)}"
+        "--modes",
+        help=f"comma-separated: {', '.join(MODES)} (default {BENCH_DEFAULTS['modes']}; "
+        f"with --host-cost {HOST_COST_DEFAULTS['modes']})",
     )
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads per worker (default: torch's)"
@@ -140,11 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results/)")
     add_markdown_option(p)
+    p.add_argument(
+        "--host-cost",
+        action="store_true",
+        help="instead of the models: what each converted pair costs the host per training "
+        "step (ATen operators, host reads, microseconds), on a chain of tiny Conv2d+BN2d "
+        "pairs, every mode in this process (takes --modes, --rounds, --steps, --warmup, "
+        "--device, --threads, --seed, --out, --markdown)",
+    )
+    p.add_argument(
+        "--pairs", type=int, default=50, help="with --host-cost: pairs in the chain (default 50)"
+    )
+    p.add_argument(
+        "--conv-bias",
+        action="store_true",
+        help="with --host-cost: the chain's convolutions have a bias (default: none)",
+    )
     return p
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    """The options; those not given take the defaults of the run asked for."""
+    args = build_parser().parse_args(argv)
+    for name, value in (HOST_COST_DEFAULTS if args.host_cost else BENCH_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -168,6 +199,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise _Usage("--threads must be at least 1")
     if args.jobs < 1:
         raise _Usage("--jobs must be at least 1")
+    if args.conv_bias or args.pairs != build_parser().get_default("pairs"):
+        raise _Usage("--pairs and --conv-bias go with --host-cost")
     from convbn._tools.bench_models import PAPER_ZOO, BenchUsageError, resolve
 
     names = list(PAPER_ZOO) if args.zoo == "paper" else []
@@ -435,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a malformed option (2)
         return int(e.code or 0)
+    if args.host_cost:
+        return run_from_args(args, argv)
     try:
         plan = make_plan(args)
     except _Usage as e:
