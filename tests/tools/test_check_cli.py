@@ -46,3 +46,10 @@ def test_check_resume_keeps_records_and_runs_each_model_in_its_own_process(tmp_p
     assert records[0] == first[0]  # kept, not checked again
     # Checked in a worker process, whose own peak memory is recorded.
     assert records[1]["ok"] and records[1]["peak_rss_bytes"] > 0
+
+
+def test_check_resume_refuses_a_timm_sweeps_results(tmp_path, capsys):
+    (tmp_path / "check.json").write_text(json.dumps({"sweep": "timm", "records": []}))
+    argv = ["check", "--models", "resnet18", "--out", str(tmp_path), "--resume"]
+    assert cli.main(argv) == 2
+    assert "holds a timm sweep" in capsys.readouterr().err

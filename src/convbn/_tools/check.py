@@ -1,5 +1,6 @@
-"""``convbn check``: convert every torchvision model that has BatchNorm (and, with timm
-installed, a sample of timm models) and check the promises on each one.
+"""``convbn check``: convert every torchvision model that has BatchNorm and check the
+promises on each one; ``convbn check --timm``: every timm architecture that has a
+BatchNorm-like module instead (see :mod:`convbn._tools.check_timm`).
 
 For each model: converted/skipped pairs with reasons; Tune equals Eval in float64
 (outputs and every gradient); in float32 the error of Tune and of Eval against the
@@ -27,6 +28,7 @@ import torchvision
 from torch import nn
 
 import convbn
+from convbn._tools import check_timm
 from convbn._tools.bench_models import randomize_norms
 from convbn._tools.measure import rel_err, saved_bytes
 from convbn._tools.output import (
@@ -225,64 +227,9 @@ def check_model(family: str, name: str, size: int = 64) -> dict:
     return record
 
 
-def _timm_models(count: int) -> list[tuple[str, str]]:
-    try:
-        import timm
-    except ImportError:
-        return []
-    patterns = ["resnet*", "efficientnet*", "regnet*", "mobilenet*", "densenet*", "dla*", "rexnet*",
-                "ghostnet*", "cspresnet*", "hrnet*", "dpn*", "res2net*", "selecsls*", "tresnet*"]  # fmt: skip
-    names: list[str] = []
-    for p in patterns:
-        names += timm.list_models(p)[: max(1, count // len(patterns))]
-    return [("timm", n) for n in names[:count]]
-
-
-def _check_timm(name: str, size: int) -> dict | None:
-    import timm
-
-    record: dict = {"family": "timm", "model": name}
-    start = time.perf_counter()
-    try:
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, num_classes=10)
-        if not _has_norm(model):
-            return None
-        model = randomize_norms(model).eval()
-        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
-
-        def run(m, d):
-            return m(x.to(d)).square().mean()
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m64 = copy.deepcopy(model).double()
-            ref = _loss_grads(m64, run, torch.float64)
-            got = _loss_grads(convbn.tune(copy.deepcopy(m64)), run, torch.float64)
-            tuned = convbn.tune(copy.deepcopy(model))
-        record["exact_err"] = _error(got, ref)
-        report = convbn.report(tuned)
-        record.update(converted=len(report.converted), skipped=len(report.skipped),
-                      skip_reasons=sorted({r for _, r in report.skipped}), method=report.method)  # fmt: skip
-        fused = convbn.fuse(copy.deepcopy(tuned))
-        record["saved_eval"] = saved_bytes(model, lambda: run(model, torch.float32))
-        record["saved_tune"] = saved_bytes(tuned, lambda: run(tuned, torch.float32))
-        record["saved_fused"] = saved_bytes(fused, lambda: run(fused, torch.float32))
-        record["ok"] = (
-            record["exact_err"] < 1e-9
-            and record["saved_eval"] >= record["saved_tune"] == record["saved_fused"]
-        )
-    except Exception as e:
-        record["error"] = describe_error(e)
-        record["ok"] = False
-    record["seconds"] = round(time.perf_counter() - start, 1)
-    return record
-
-
 def _check_one(family: str, name: str, size: int) -> dict:
     """One model's check, as run in a worker process (see ``_isolated``)."""
-    rec = _check_timm(name, size) if family == "timm" else check_model(family, name, size)
-    return {"record": rec}
+    return {"record": check_model(family, name, size)}
 
 
 def _isolated(family: str, name: str, size: int) -> dict | None:
@@ -345,24 +292,64 @@ def _table(records: list[dict], markdown: bool) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convbn check",
-        description="Convert every torchvision model that has BatchNorm (and a sample of timm "
-        "models) and check that Tune equals Eval in float64 and keeps Deploy's bytes.",
+        description="Convert every torchvision model that has BatchNorm (with --timm: every "
+        "timm architecture that has a BatchNorm-like module) and check that Tune equals Eval "
+        "in float64 and keeps Deploy's bytes.",
     )
     parser.add_argument(
         "--families",
         default=",".join(FAMILIES),
         help=f"comma-separated torchvision families (default: {','.join(FAMILIES)})",
     )
-    parser.add_argument("--models", default="", help="comma-separated names (default: all)")
     parser.add_argument(
-        "--timm", type=int, default=40, help="how many timm models, when timm is installed"
+        "--models", default="", help="comma-separated torchvision names (default: all)"
+    )
+    parser.add_argument(
+        "--timm",
+        action="store_true",
+        help="sweep every timm architecture (timm.list_models(), pretrained=False) that has a "
+        "BatchNorm-like module instead of torchvision",
+    )
+    parser.add_argument(
+        "--timm-filter",
+        metavar="PATTERN",
+        default="",
+        help="with --timm: only the names matching these comma-separated shell patterns "
+        "(e.g. 'resnet*,levit_*')",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="with --timm: the first N names only"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600,
+        help="with --timm: seconds one model may take before it is recorded as out of time "
+        "(default 600)",
+    )
+    parser.add_argument(
+        "--memory-gib",
+        type=float,
+        default=8,
+        help="with --timm: memory (heap) one model's process may take before it is recorded "
+        "as out of memory (default 8; 0: no limit)",
     )
     parser.add_argument("--size", type=int, default=64, help="input side (default 64)")
-    parser.add_argument("--out", default="check-results", help="output directory")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default check-results, with --timm check-timm-results)",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="keep the passing records already in <out>/check.json; check the other models",
+        help="keep the records already in <out>/check.json (torchvision: the passing ones; "
+        "--timm: all of them, failures too unless --retry-failed) and check the other models",
+    )
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --timm --resume: check again the models whose record is a failure",
     )
     parser.add_argument(
         "--in-process",
@@ -379,6 +366,24 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a malformed option (2)
         return int(e.code or 0)
+    if args.timm:
+        if args.models:
+            print("convbn check: --models names torchvision models; with --timm use "
+                  "--timm-filter", file=sys.stderr)  # fmt: skip
+            return 2
+        return check_timm.sweep(
+            Path(args.out or "check-timm-results"),
+            pattern=args.timm_filter or None,
+            limit=args.limit,
+            size=args.size,
+            timeout=args.timeout or None,
+            memory_gib=args.memory_gib or None,
+            resume=args.resume,
+            retry_failed=args.retry_failed,
+            isolate=not args.in_process,
+            markdown=args.markdown,
+            command="convbn check " + " ".join(argv),
+        )
     families = [f for f in args.families.split(",") if f]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
@@ -392,16 +397,17 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"convbn check: unknown model(s) {sorted(missing)}", file=sys.stderr)
             return 2
-    else:
-        todo += _timm_models(args.timm)
-    out = Path(args.out)
+    out = Path(args.out or "check-results")
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info("cpu") | {"command": "convbn check " + " ".join(argv)}
     records: list[dict] = []
     if args.resume and (out / "check.json").exists():
         # Failures are checked again; models skipped for their size are not.
-        records = json.loads((out / "check.json").read_text())["records"]
-        records = [r for r in records if not _failed(r)]
+        payload = json.loads((out / "check.json").read_text())
+        if payload.get("sweep") == check_timm.SWEEP:
+            print(f"convbn check: {out / 'check.json'} holds a timm sweep", file=sys.stderr)
+            return 2
+        records = [r for r in payload["records"] if not _failed(r)]
     done = {(r["family"], r["model"]) for r in records}
     progress = Progress(len(todo), "convbn check")
     for i, (family, name) in enumerate(todo):
