@@ -214,15 +214,18 @@ def test_summary_and_table():
         {"model": "broken_b", "failure": "build", "error": "TypeError: bad argument"},
         {"model": "fixed_size", "bn": 2, "failure": "run", "error": "RuntimeError: shape"},
         {"model": "slow", "failure": "out of time", "error": "out of time: over 9 s"},
+        {"model": "big_a", "failure": "out of memory", "error": "E: tried to allocate 1024 bytes"},
+        {"model": "big_b", "failure": "out of memory", "error": "E: tried to allocate 2048 bytes"},
         {"model": "bug", "bn": 2, "failure": "convbn", "stage": "convbn.tune", "error": "E: x"},
     ]
     lines = summary(records, ["net_a", "net_b", "no_bn", "later"])
     text = "\n".join(lines)
-    assert lines[0].startswith("Models swept: 8 (3 of the 4 names this run lists); 1 without")
-    assert "7 in the table, 2 checked through, 5 failed" in lines[0]
+    assert lines[0].startswith("Models swept: 10 (3 of the 4 names this run lists); 1 without")
+    assert "9 in the table, 2 checked through, 7 failed" in lines[0]
     assert "failed to build: 2: TypeError: bad argument (2)" in text
     assert "did not run at 64x64: 1: RuntimeError: shape (1)" in text
-    assert "ran out of time: 1: out of time: over 9 s (1)" in text
+    assert "ran out of time: 1: out of time: over N s (1)" in text
+    assert "ran out of memory: 2: E: tried to allocate N bytes (2)" in text
     assert "convbn raised: 1 (bug): convbn.tune: E: x (1)" in text
     assert (
         "checked through: 8; fed directly by a producer: 6; of those converted: 5 (83.3%)" in text

@@ -513,12 +513,14 @@ def summary(records: list[dict], listed: list[str] | None = None, size: int = SI
         if not group:
             continue
         if kind == "convbn":
-            detail = _group([f"{r.get('stage')}: {r['error']}" for r in group])
+            detail = _group([f"{r.get('stage')}: {reason_kind(r['error'], [])}" for r in group])
             lines.append(
                 f"{label}: {len(group)} ({', '.join(r['model'] for r in group)}): {detail}"
             )
         else:
-            lines.append(f"{label}: {len(group)}: {_group([r['error'] for r in group])}")
+            # Numbers as N: errors that differ only by a size or a count are one group.
+            errors = [reason_kind(r["error"], []) for r in group]
+            lines.append(f"{label}: {len(group)}: {_group(errors)}")
     done = [r for r in checked if "exact_err" in r]
     bns = sum(r.get("bn", 0) for r in done)
     fed = sum(r.get("fed", 0) for r in done)
