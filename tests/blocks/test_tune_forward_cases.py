@@ -246,81 +246,93 @@ def test_nan_and_negative_variance_behave_as_eval():
     torch.testing.assert_close(out[:, 2:], ref[:, 2:])
 
 
-# Tune scales whichever is smaller, the weight or the feature map, by the BN's
-# per-channel a. Deep layers at small batch and resolution have fewer output than
-# weight elements ("deep"); early layers the opposite ("wide").
+# Tune runs every producer kind through one autograd node made of BatchNorm's kernels,
+# and falls back to plain operators (which keep w') only where that node does not apply.
 GEOMETRIES = {
-    "deep-conv": (lambda: nn.Conv2d(8, 16, 3, padding=1), (1, 8, 2, 2)),
-    "deep-convT": (lambda: nn.ConvTranspose2d(16, 8, 3, groups=2), (1, 16, 1, 1)),
-    "deep-linear": (lambda: nn.Linear(64, 32, bias=False), (2, 64)),
-    "wide-conv": (lambda: nn.Conv2d(3, 4, 3), (2, 3, 8, 8)),
+    "conv": (lambda: nn.Conv2d(8, 16, 3, padding=1), (2, 8, 4, 4)),
+    "conv-no-bias": (lambda: nn.Conv2d(8, 16, 3, padding=1, bias=False), (1, 8, 2, 2)),
+    "depthwise": (lambda: nn.Conv2d(8, 8, 3, groups=8), (2, 8, 5, 5)),
+    "convT": (lambda: nn.ConvTranspose2d(6, 8, 3, stride=2), (1, 6, 3, 3)),
+    "grouped-convT": (lambda: nn.ConvTranspose2d(16, 8, 3, groups=2), (1, 16, 1, 1)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3), (2, 3, 7)),
+    "conv3d": (lambda: nn.Conv3d(3, 4, 2), (1, 3, 3, 3, 3)),
+    "linear": (lambda: nn.Linear(64, 32, bias=False), (2, 64)),
 }
-BN_FOR = {4: nn.BatchNorm2d, 2: nn.BatchNorm1d}
+BN_FOR = {5: nn.BatchNorm3d, 4: nn.BatchNorm2d, 3: nn.BatchNorm1d, 2: nn.BatchNorm1d}
+
+
+def _out_channels(producer):
+    if isinstance(producer, nn.ConvTranspose2d):
+        return producer.weight.shape[1] * producer.groups
+    return producer.weight.shape[0]
 
 
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
-@pytest.mark.parametrize("gamma", ["random", "zeros-in-it", "frozen"])
-@pytest.mark.parametrize("wanted", ["all", "input-only", "weight-only"])
-def test_both_ways_of_scaling_equal_eval(monkeypatch, geometry, gamma, wanted):
-    import convbn._math.tune_autograd as ta
-
+@pytest.mark.parametrize("gamma", ["random", "zeros-in-it", "frozen", "affine-false"])
+@pytest.mark.parametrize("wanted", ["all", "input-only", "weight-only", "bn-only"])
+def test_every_producer_kind_and_gradient_request_equals_eval(geometry, gamma, wanted):
     make, shape = GEOMETRIES[geometry]
     producer = make().double()
-    cout = producer.weight.shape[1] * producer.groups if geometry == "deep-convT" else None
-    cout = cout or producer.weight.shape[0]
-    bn = _eval_bn(cout, BN_FOR[len(shape)]).double()
+    kwargs = {"affine": False} if gamma == "affine-false" else {}
+    bn = _eval_bn(_out_channels(producer), BN_FOR[len(shape)], **kwargs).double()
     if gamma == "zeros-in-it":
         with torch.no_grad():
             bn.weight[::3] = 0
-    bn.weight.requires_grad_(gamma != "frozen")
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    if wanted == "input-only":
-        for p in (*producer.parameters(), *bn.parameters()):
-            p.requires_grad_(False)
-    if wanted == "weight-only":
-        x.requires_grad_(False)
-        for p in bn.parameters():
-            p.requires_grad_(False)
-
-    ran = []
-    for name in ("_backward_scaling_grad", "_backward_refolding", "_op_backward"):
-        real = getattr(ta, name)
-        monkeypatch.setattr(
-            ta, name, lambda *a, _r=real, _n=name, **k: ran.append(_n) or _r(*a, **k)
-        )
+    if gamma == "frozen":
+        bn.weight.requires_grad_(False)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=wanted in ("all", "input-only"))
+    if wanted in ("input-only", "bn-only"):
+        producer.requires_grad_(False)
+    if wanted in ("input-only", "weight-only"):
+        bn.requires_grad_(False)
     tensors = [t for t in (x, *producer.parameters(), *bn.parameters()) if t.requires_grad]
     out = tune_forward(x, producer, bn)
+    ref_out = bn(producer(x))
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    if not tensors:
+        assert out.grad_fn is None
+        return
+    # One node of BatchNorm kernels for every producer kind.
+    node = type(out.grad_fn).__name__
+    assert node == "_TuneBackward", node
     g = torch.randn(out.shape, dtype=torch.float64)
     got = torch.autograd.grad(out, tensors, g)
-    ref_out = bn(producer(x))
     ref = torch.autograd.grad(ref_out, tensors, g)
-    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     for a, b in zip(got, ref):
+        assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-    deep = geometry.startswith("deep")
-    assert ta._scale_feature_map(
-        ta.OpSpec(linear=geometry == "deep-linear"), out.numel(), producer.weight,
-        torch.float64, torch.float64,
-    ) is deep  # fmt: skip
-    assert ran[0] == ("_backward_scaling_grad" if deep else "_backward_refolding")
-    calls = ran.count("_op_backward")
-    # dJ/dgamma needs dJ/dw' = dJ/dw / a: one backward call unless some a is 0.
-    two_calls = deep and gamma == "zeros-in-it" and wanted == "all"
-    assert calls == (2 if two_calls else 1)
 
 
 @pytest.mark.parametrize("zero_gamma", [False, True])
-def test_double_backward_when_scaling_the_gradient(zero_gamma):
+def test_double_backward_with_a_zero_gamma(zero_gamma):
     producer = nn.Conv2d(3, 4, 3).double()
     bn = _eval_bn(4).double()
     if zero_gamma:
         with torch.no_grad():
             bn.weight[1] = 0
     x = torch.randn(1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    assert producer.weight.numel() > 4  # the output (1, 4, 1, 1) is the smaller
 
-    def f(x, w, gamma):
+    def f(x, w, gamma, beta, b):
         return tune_forward(x, producer, bn)
 
-    assert torch.autograd.gradgradcheck(f, (x, producer.weight, bn.weight))
+    inputs = (x, producer.weight, bn.weight, bn.bias, producer.bias)
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+def test_running_statistics_that_ask_for_a_gradient_get_it():
+    # Statistics that ask for a gradient (torch.func.functional_call over buffers, say):
+    # BatchNorm's kernels refuse them; the plain-operator path gives their gradients.
+    conv = nn.Conv2d(3, 4, 3).double()
+    bn = _eval_bn(4).double()
+    mean = bn.running_mean.clone().requires_grad_()
+    var = bn.running_var.clone().requires_grad_()
+    bn.running_mean, bn.running_var = mean, var
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    got = torch.autograd.grad(tune_forward(x, conv, bn).square().sum(), [mean, var])
+    view = (1, -1, 1, 1)
+    normalised = (conv(x) - mean.view(view)) / (var.view(view) + bn.eps).sqrt()
+    reference = normalised * bn.weight.view(view) + bn.bias.view(view)
+    want = torch.autograd.grad(reference.square().sum(), [mean, var])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

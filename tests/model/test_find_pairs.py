@@ -179,7 +179,6 @@ def test_resnet_like_residual_into_bn_is_skipped():
         (Functional, "bn", "not a producer"),
         (InputBN, "bn", "input"),
         (MultiConsumer, "bn", "other place"),
-        (SharedDifferentPartners, "bn_a", "also called without this BN"),
     ],
 )
 def test_unsafe_pairs_are_skipped_with_a_reason(cls, bn, reason):
@@ -188,6 +187,15 @@ def test_unsafe_pairs_are_skipped_with_a_reason(cls, bn, reason):
     report = _check_equal(model, x)
     assert bn in _skipped(report)
     assert reason in _skipped(report)[bn]
+
+
+def test_shared_producer_pairs_each_call_with_its_own_bn():
+    # One convolution, two BNs: the peers fold per call, and so does convbn.
+    model = convbn.tune(_prep(SharedDifferentPartners()))
+    report = _check_equal(model, torch.randn(2, 3, 8, 8))
+    assert report.converted == [("conv", "bn_a"), ("conv", "bn_b")]
+    assert report.calls == [0, 1]
+    assert "conv (call 2)  ->  bn_b" in str(report)
 
 
 def test_keyword_call_is_converted():

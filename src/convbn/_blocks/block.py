@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
+from convbn._blocks.classes import base_class
 from convbn._blocks.norms import norm_problem, norm_stats
 from convbn._blocks.producers import (
+    CONV_FUNCTIONS,
+    ConvCall,
     compute_dtype,
     input_rank,
     is_producer,
     out_channels,
+    own_forward,
     prepare,
     producer_problem,
 )
 from convbn._math.folding import fold_tensors
-from convbn._math.tune_autograd import tune_apply
+from convbn._math.tune_autograd import Constants, tune_apply
 
-__all__ = ["check_pair", "device_problem", "fold_pair", "tune_pair"]
+__all__ = [
+    "check_pair",
+    "device_problem",
+    "fold_pair",
+    "tune_pair",
+    "run_tune",
+    "run_call",
+    "run_own_forward",
+]
 
 
 def device_problem(producer: nn.Module, bn: nn.Module) -> str | None:
@@ -84,27 +97,111 @@ def tune_pair(
     check_dim = getattr(bn, "_check_input_dim", None)
     if check_dim is not None:
         check_dim(x)
-    return _run(producer, bn, x, output_size)
+    constants = Constants(out_channels(producer))
+    if own_forward(producer):
+        args = () if output_size is None else (output_size,)
+        out, tuned = run_own_forward(producer, bn, x, args, {}, constants)
+        if tuned is None:
+            raise ValueError(
+                f"{type(producer).__name__}.forward did not convolve with its own weight"
+            )
+        return out
+    return run_tune(producer, bn, x, output_size, constants)
 
 
-def _run(
-    producer: nn.Module, bn: nn.Module, x: Tensor, output_size=None, cache: dict | None = None
+def run_tune(
+    producer: nn.Module,
+    bn: nn.Module,
+    x: Tensor,
+    output_size,
+    constants: Constants,
+    cache: dict | None = None,
 ) -> Tensor:
-    """Tune mode's forward of the pair. ``cache``: the converted pair's own dict, given
-    once its BN was seen to use running statistics (see ``prepare``)."""
-    stats = norm_stats(bn, checked=cache is not None)
-    dtype = compute_dtype(x)
+    """Tune mode's forward of the pair; the BN was seen to use its running statistics.
+
+    ``cache``: the converted producer's own dict (see ``prepare``).
+    """
+    stats = norm_stats(bn, checked=True)
     x, spec = prepare(producer, x, output_size, cache)
+    dtype = compute_dtype(x)
     if x.dtype != dtype:
         x = x.to(dtype)
+    params = producer._parameters
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is None:  # a parametrization moves them out of _parameters
+        weight, bias = producer.weight, producer.bias
     return tune_apply(
         x,
-        producer.weight,
-        producer.bias,
+        weight,
+        bias,
         stats.running_mean,
         stats.running_var,
         stats.weight,
         stats.bias,
         stats.eps,
         spec,
+        constants,
+    )
+
+
+class _Intercept(TorchFunctionMode):
+    """Computes a producer's own convolution call, inside its own forward, in Tune mode."""
+
+    def __init__(self, producer: nn.Module, bn: nn.Module, constants: Constants):
+        super().__init__()
+        self.producer = producer
+        self.bn = bn
+        self.constants = constants
+        self.out = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        parse = CONV_FUNCTIONS.get(func)
+        if parse is not None and self.out is None:
+            call = parse(*args, **kwargs)
+            if call is not None and call.weight is self.producer.weight:
+                self.out = run_call(self.bn, call, self.constants)
+                return self.out
+        return func(*args, **kwargs)
+
+
+def run_own_forward(
+    producer: nn.Module, bn: nn.Module, x: Tensor, args, kwargs, constants: Constants
+) -> tuple[object, Tensor | None]:
+    """Run a producer subclass's own forward with its convolution computed in Tune mode.
+
+    Returns the forward's output and the Tune-mode tensor, None when the forward did not
+    convolve with its weight this time (its output is then the producer's own). A forward
+    that returns anything else than that tensor is an error: its caller would see a
+    normalised value where it expects the producer's.
+    """
+    mode = _Intercept(producer, bn, constants)
+    with mode:
+        out = base_class(producer).forward(producer, x, *args, **kwargs)
+    if mode.out is not None and out is not mode.out:
+        raise RuntimeError(
+            f"convbn: {type(producer).__name__}.forward returned something other than its "
+            "convolution's output, unlike when it was converted; call convbn.restore(model)"
+        )
+    return out, mode.out
+
+
+def run_call(bn: nn.Module, call: ConvCall, constants: Constants) -> Tensor:
+    """Tune mode's result of one convolution call inside a producer's own forward."""
+    stats = norm_stats(bn, checked=True)
+    x = call.input
+    dtype = compute_dtype(x)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    return tune_apply(
+        x,
+        call.weight,
+        call.bias,
+        stats.running_mean,
+        stats.running_var,
+        stats.weight,
+        stats.bias,
+        stats.eps,
+        call.spec,
+        constants,
     )

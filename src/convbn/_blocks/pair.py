@@ -1,68 +1,96 @@
-"""A converted pair at run time: the link between a producer and its BatchNorm,
-and the forwards of their tuned classes.
+"""Converted pairs at run time: the protocol between a producer, its BatchNorm and the
+module whose forward calls both (the *caller*), and the forwards of the tuned classes.
 
-Protocol, per call of the module whose forward calls both (the *caller*):
-the caller's pre-hook arms the pair; the producer, when armed and when nothing
-could observe the difference (Tune mode on, BN in eval mode and still in place,
-no forward hooks on the producer or the BN, a batched input), computes the BN's
-output in Tune mode and leaves it *pending*; the BN, handed exactly that tensor,
-returns it untouched. Anything else runs the modules' own forwards. A pending
-output that does not reach its BN before the caller returns means the model's
-dataflow differs from the one convbn found: that is an error, never a silent
-change of result.
+Per call of a caller (its forward pre-hook arms it, its forward hook disarms it): a
+converted producer called while its caller runs, with nothing that could observe the
+difference (Tune mode on, BN in eval mode and still in place, no forward hooks on the
+producer or the BN, an input of the expected rank), computes the BN's output in Tune
+mode and leaves it *pending*; the BN, handed exactly that tensor (or, for a linear map
+reshaped before its BatchNorm1d, a view of it that keeps the channel), returns it
+untouched, then runs what its own forward applies after normalising (a norm-and-
+activation module's dropout and activation). Anything else runs the modules' own
+forwards. A pending output that does not reach its BN before the caller returns means
+the model's dataflow differs from the one convbn found: that is an error, never a
+silent change of result.
+
+A producer called several times in one forward of its caller (a convolution shared by
+the levels of a feature pyramid, each with its own BN) pairs its k-th call with the
+k-th BN found for it. All of this state is per thread: a converted model can be called
+from many threads at once.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
-from convbn._blocks.block import _run
+from convbn._blocks.block import run_own_forward, run_tune
 from convbn._blocks.norms import uses_running_stats
-from convbn._blocks.producers import input_rank
+from convbn._blocks.producers import input_rank, out_channels
+from convbn._math.compat import is_compiling
+from convbn._math.tune_autograd import Constants
 
-__all__ = ["Link", "ProducerMixin", "NormMixin", "Arm", "Disarm", "convert_pair", "release_pair"]
+__all__ = [
+    "CallerState",
+    "Link",
+    "ProducerPlan",
+    "NormPlan",
+    "Arm",
+    "Disarm",
+    "convert",
+    "norm_plan",
+    "release",
+]
 
-LINK = "_convbn_link"
+PLAN = "_convbn_plan"
+
+
+class CallerState(threading.local):
+    """Per caller and thread: how deep its forward is running, the outputs pending, and
+    how often each shared producer was called in the running forward."""
+
+    def __init__(self):
+        self.armed = 0
+        self.pending: dict = {}
+        self.calls: dict = {}
+
+    def __reduce__(self):
+        return (CallerState, ())
 
 
 class Link:
-    """State shared by a converted producer and its BN (a plain object, not a Module)."""
+    """One producer -> BN pair of a caller (a plain object, not a Module)."""
 
-    def __init__(self, producer: nn.Module, bn: nn.Module, parent: nn.Module, bn_key: str):
+    def __init__(
+        self,
+        producer: nn.Module,
+        bn: nn.Module,
+        parent: nn.Module,
+        bn_key: str,
+        state: CallerState,
+        reshaped: bool = False,
+    ):
         self.producer = producer
         self.bn = bn
         self.parent = parent
         self.bn_key = bn_key
-        self.rank = input_rank(producer)
+        self.state = state
+        self.reshaped = reshaped
+        # A linear map's output may be reshaped before its BatchNorm1d: any rank then.
+        self.rank = -1 if reshaped else input_rank(producer)
         self.fused = True
         self.freeze = False
-        self.armed = 0
-        self.pending: torch.Tensor | None = None
-        self.cache: dict = {}
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["armed"] = 0
-        state["pending"] = None
-        state["cache"] = {}
-        return state
-
-    def __setstate__(self, state):
-        state.setdefault("cache", {})
-        self.__dict__.update(state)
 
     def may_fuse(self, producer: nn.Module, x) -> bool:
         bn = self.bn
         return (
             self.fused
-            and self.armed > 0
-            and self.producer is producer
             and isinstance(x, torch.Tensor)
-            and x.dim() == self.rank
+            and (x.dim() == self.rank or self.rank < 0)
             and self.parent._modules.get(self.bn_key) is bn
             and uses_running_stats(bn)
             and not producer._forward_hooks
@@ -72,6 +100,220 @@ class Link:
             and not _module_globals._global_forward_pre_hooks
         )
 
+
+class ProducerPlan:
+    """What a converted producer does at each call: which link, if any, applies."""
+
+    def __init__(self, producer: nn.Module, intercept: bool):
+        # (state, every, links), one entry per caller, innermost callers first: with
+        # ``every``, links[0] serves every call made while that caller runs; else the
+        # k-th call gets links[k] (None: that call has no BN of its own).
+        self.sites: list[tuple[CallerState, bool, list[Link | None]]] = []
+        self.single: Link | None = None
+        self.intercept = intercept
+        self.constants = Constants(out_channels(producer))
+        self.cache: dict = {}
+
+    def finish(self) -> None:
+        if len(self.sites) == 1 and self.sites[0][1]:
+            self.single = self.sites[0][2][0]
+
+    def select(self) -> Link | None:
+        single = self.single
+        if single is not None:
+            return single if single.state.armed else None
+        for state, every, links in self.sites:
+            if state.armed:
+                if every:
+                    return links[0]
+                calls = state.calls
+                index = calls.get(self, 0)
+                calls[self] = index + 1
+                return links[index] if index < len(links) else None
+        return None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["cache"] = {}
+        return state
+
+
+class NormPlan:
+    """What a converted BN does with a pending output: its links, and the names of the
+    children its forward applies after normalising (norm-and-activation modules)."""
+
+    def __init__(self, tail: tuple[str, ...]):
+        self.links: list[Link] = []
+        self.tail = tail
+
+
+def _is_channel_view(view, base: torch.Tensor) -> bool:
+    """Whether BatchNorm's dim-1 channel of ``view`` is the last dimension of ``base``,
+    the contiguous output of a linear map, for every element (a flatten or reshape of
+    the leading dimensions, a transpose that brings the channel to dimension 1)."""
+    if not isinstance(view, torch.Tensor) or view._base is not base or view.dim() < 2:
+        return False
+    channels = base.shape[-1]
+    if view.shape[1] != channels or view.stride(1) != 1 or not base.is_contiguous():
+        return False
+    offset = view.storage_offset() - base.storage_offset()
+    return offset % channels == 0 and all(
+        stride % channels == 0
+        for i, (size, stride) in enumerate(zip(view.shape, view.stride()))
+        if i != 1 and size > 1
+    )
+
+
+class _TunedMixin:
+    _convbn_base: type
+    _convbn_role: str
+
+    def _get_name(self) -> str:
+        return self._convbn_base.__name__
+
+    def __reduce_ex__(self, protocol):
+        # Rebuild through the base class so that pickles and deep copies never
+        # depend on the name of a class created at run time.
+        reduced = super().__reduce_ex__(protocol)
+        return (_new_tuned, (self._convbn_base, self._convbn_role)) + tuple(reduced[2:])
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "convbn: a model converted with convbn.tune cannot be scripted with "
+            "torch.jit.script; call convbn.restore(model) first, or convbn.fuse(model) "
+            "for a scriptable Deploy-mode model"
+        )
+
+
+def _stray_warning() -> None:
+    warnings.warn(
+        "convbn: a Tune-mode output did not reach its BatchNorm before the next "
+        "call of its producer (an exception in between, or a changed model)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+class ProducerMixin(_TunedMixin):
+    _convbn_role = "producer"
+
+    def forward(self, input, *args, **kwargs):
+        plan = self.__dict__.get(PLAN)
+        if plan is not None:
+            link = plan.select()
+            if link is not None and link.may_fuse(self, input):
+                if plan.intercept:
+                    if not is_compiling():
+                        return _intercepted(self, link, plan, input, args, kwargs)
+                else:
+                    output_size = args[0] if args else kwargs.get("output_size")
+                    out = run_tune(self, link.bn, input, output_size, plan.constants, plan.cache)
+                    pending = link.state.pending
+                    if link in pending:
+                        _stray_warning()
+                    pending[link] = out
+                    return out
+        return super().forward(input, *args, **kwargs)
+
+
+def _intercepted(producer, link, plan, input, args, kwargs):
+    out, tuned = run_own_forward(producer, link.bn, input, args, kwargs, plan.constants)
+    if tuned is not None:
+        pending = link.state.pending
+        if link in pending:
+            _stray_warning()
+        pending[link] = tuned
+    return out
+
+
+class NormMixin(_TunedMixin):
+    _convbn_role = "norm"
+
+    def forward(self, input, *args, **kwargs):
+        plan = self.__dict__.get(PLAN)
+        if plan is not None:
+            mine = False
+            for link in plan.links:
+                pending = link.state.pending
+                if pending:
+                    out = pending.get(link)
+                    if out is None:
+                        if any(input is value for value in pending.values()):
+                            _misrouted(self)
+                        continue
+                    mine = True
+                    if input is out or (link.reshaped and _is_channel_view(input, out)):
+                        del pending[link]
+                        return _tail(self, plan.tail, input)
+            if mine:
+                for link in plan.links:
+                    link.state.pending.pop(link, None)
+                _misrouted(self)
+        return super().forward(input, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        plan = self.__dict__.get(PLAN)
+        if plan is not None and any(link.freeze for link in plan.links):
+            mode = False
+        return super().train(mode)
+
+
+def norm_plan(bn: nn.Module) -> NormPlan:
+    return bn.__dict__[PLAN]
+
+
+def _tail(bn: nn.Module, tail: tuple[str, ...], x):
+    for name in tail:
+        x = bn._modules[name](x)
+    return x
+
+
+def _misrouted(bn: nn.Module):
+    raise RuntimeError(
+        f"convbn: {bn._get_name()} received a tensor other than the output of its "
+        "converted producer while that output was pending; the model's dataflow "
+        "differs from the one found at conversion. Call convbn.tune(model, "
+        "example_inputs) again or convbn.restore(model)."
+    )
+
+
+class Arm:
+    """Forward pre-hook of a caller: its converted pairs may fuse during its forward."""
+
+    def __init__(self, state: CallerState):
+        self.state = state
+
+    def __call__(self, module, args):
+        state = self.state
+        if not state.armed and state.calls:
+            state.calls.clear()
+        state.armed += 1
+
+
+class Disarm:
+    """Forward hook (always called) of a caller: check that every pending output arrived."""
+
+    def __init__(self, state: CallerState):
+        self.state = state
+
+    def __call__(self, module, args, result):
+        state = self.state
+        state.armed = max(state.armed - 1, 0)
+        if state.armed == 0 and state.pending:
+            stray = list(state.pending)
+            state.pending.clear()
+            if result is not None:
+                names = ", ".join(type(link.producer).__name__ for link in stray)
+                raise RuntimeError(
+                    f"convbn: the Tune-mode output of {names} left "
+                    f"{type(module).__name__}.forward without reaching its BatchNorm; the "
+                    "model's dataflow differs from the one found at conversion. Call "
+                    "convbn.restore(model), or convbn.tune(model, example_inputs) with "
+                    "inputs that take this path."
+                )
+
+
+# ------------------------------------------------------------------ tuned classes
 
 _TUNED: dict[tuple[str, type], type] = {}
 
@@ -96,118 +338,16 @@ def _new_tuned(base: type, role: str) -> nn.Module:
     return cls.__new__(cls)
 
 
-class _TunedMixin:
-    _convbn_base: type
-    _convbn_role: str
-
-    def _get_name(self) -> str:
-        return self._convbn_base.__name__
-
-    def __reduce_ex__(self, protocol):
-        # Rebuild through the base class so that pickles and deep copies never
-        # depend on the name of a class created at run time.
-        reduced = super().__reduce_ex__(protocol)
-        return (_new_tuned, (self._convbn_base, self._convbn_role)) + tuple(reduced[2:])
-
-    def __prepare_scriptable__(self):
-        raise RuntimeError(
-            "convbn: a model converted with convbn.tune cannot be scripted with "
-            "torch.jit.script; call convbn.restore(model) first, or convbn.fuse(model) "
-            "for a scriptable Deploy-mode model"
-        )
+def convert(module: nn.Module, role: str, plan) -> None:
+    """Swap ``module`` to its tuned class and attach its plan."""
+    module.__class__ = _tuned(type(module), role)
+    module.__dict__[PLAN] = plan
 
 
-class ProducerMixin(_TunedMixin):
-    _convbn_role = "producer"
-
-    def forward(self, input, *args, **kwargs):
-        link = self.__dict__.get(LINK)
-        if link is not None and link.may_fuse(self, input):
-            output_size = args[0] if args else kwargs.get("output_size")
-            out = _run(self, link.bn, input, output_size, link.cache)
-            if link.pending is not None:
-                warnings.warn(
-                    "convbn: a Tune-mode output did not reach its BatchNorm before the next "
-                    "call of its producer (an exception in between, or a changed model)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            link.pending = out
-            return out
-        return super().forward(input, *args, **kwargs)
-
-
-class NormMixin(_TunedMixin):
-    _convbn_role = "norm"
-
-    def forward(self, input, *args, **kwargs):
-        link = self.__dict__.get(LINK)
-        if link is not None and link.pending is not None:
-            pending, link.pending = link.pending, None
-            if input is pending:
-                return input
-            raise RuntimeError(
-                f"convbn: {self._get_name()} received a tensor other than the output of its "
-                "converted producer while that output was pending; the model's dataflow "
-                "differs from the one found at conversion. Call convbn.tune(model, "
-                "example_inputs) again or convbn.restore(model)."
-            )
-        return super().forward(input, *args, **kwargs)
-
-    def train(self, mode: bool = True):
-        link = self.__dict__.get(LINK)
-        if link is not None and link.freeze:
-            mode = False
-        return super().train(mode)
-
-
-class Arm:
-    """Forward pre-hook of a caller: its converted pairs may fuse during its forward."""
-
-    def __init__(self, links: list[Link]):
-        self.links = links
-
-    def __call__(self, module, args):
-        for link in self.links:
-            link.armed += 1
-
-
-class Disarm:
-    """Forward hook (always called) of a caller: check that every pending output arrived."""
-
-    def __init__(self, links: list[Link]):
-        self.links = links
-
-    def __call__(self, module, args, result):
-        stray = []
-        for link in self.links:
-            link.armed = max(link.armed - 1, 0)
-            if link.armed == 0 and link.pending is not None:
-                link.pending = None
-                stray.append(link)
-        if stray and result is not None:
-            names = ", ".join(type(link.producer).__name__ for link in stray)
-            raise RuntimeError(
-                f"convbn: the Tune-mode output of {names} left {type(module).__name__}.forward "
-                "without reaching its BatchNorm; the model's dataflow differs from the one "
-                "found at conversion. Call convbn.restore(model), or convbn.tune(model, "
-                "example_inputs) with inputs that take this path."
-            )
-
-
-def convert_pair(link: Link) -> None:
-    """Swap both modules to their tuned classes and attach the link."""
-    for module, role in ((link.producer, "producer"), (link.bn, "norm")):
-        module.__class__ = _tuned(type(module), role)
-        module.__dict__[LINK] = link
-
-
-def release_pair(link: Link) -> None:
-    """Undo :func:`convert_pair`: original classes, no attribute left behind."""
-    for module in (link.producer, link.bn):
-        module.__class__ = _untuned(type(module))
-        module.__dict__.pop(LINK, None)
-    link.pending = None
+def release(module: nn.Module) -> None:
+    """Undo :func:`convert`: the original class, no attribute left behind."""
+    module.__class__ = _untuned(type(module))
+    module.__dict__.pop(PLAN, None)
 
 
 # torch.nn.utils.parametrize also swaps a module's class: to a subclass of the class

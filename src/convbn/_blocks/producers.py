@@ -2,10 +2,16 @@
 
 Turns a producer module and its input into the :class:`OpSpec` of layer 1, with
 padding modes and asymmetric ``"same"`` padding applied to the input exactly as
-the module's own forward applies them.
+the module's own forward applies them. A producer subclass with its own forward is
+convertible when that forward, seen on a probe input, ends in one convolution (or
+linear map) with the module's own weight whose output it returns, whatever it does to
+the input before (timm's ``Conv2dSame`` pads by an amount that depends on the input's
+size): Tune mode then computes that call (:data:`CONV_FUNCTIONS`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,16 +19,21 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from convbn._blocks.classes import base_class
+from convbn._blocks.probe import trace_forward
 from convbn._math.compat import autocast_dtype, autocast_enabled, is_compiling
 from convbn._math.tune_autograd import OpSpec
 
 __all__ = [
     "PRODUCER_TYPES",
+    "CONV_FUNCTIONS",
+    "ConvCall",
     "is_producer",
     "producer_problem",
+    "own_forward",
     "out_channels",
     "input_rank",
     "prepare",
+    "compute_dtype",
 ]
 
 PRODUCER_TYPES = (
@@ -41,15 +52,54 @@ def is_producer(module: nn.Module) -> bool:
     return isinstance(module, PRODUCER_TYPES)
 
 
+def own_forward(module: nn.Module) -> bool:
+    """Whether the module's class overrides its producer type's forward."""
+    return base_class(module).forward not in _KNOWN_FORWARDS
+
+
 def producer_problem(module: nn.Module) -> str | None:
     """Why this producer cannot be folded, or None if it can."""
     cls = base_class(module)
-    if cls.forward not in _KNOWN_FORWARDS:
-        return f"{cls.__name__} overrides forward(); its computation is unknown"
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "lazy module not initialised yet; run one forward pass first"
-    if module.weight is None:
+    if getattr(module, "weight", None) is None:
         return "producer has no weight"
+    if own_forward(module):
+        why = _own_forward_problem(module)
+        if why is not None:
+            return f"{cls.__name__} overrides forward(); {why}"
+    return None
+
+
+def _own_forward_problem(module: nn.Module) -> str | None:
+    """Why a producer's own forward is not "prepare the input, then one call of its
+    convolution with its own weight, returned as is", seen on a probe input."""
+    weight = module.weight
+    if isinstance(module, nn.Linear):
+        shape = (2, module.in_features)
+    else:
+        reach = [d * (k - 1) + 1 for k, d in zip(module.kernel_size, module.dilation)]
+        shape = (1, module.in_channels) + tuple(
+            max(r, 4) + 2 * s for r, s in zip(reach, module.stride)
+        )
+    x = torch.randn(shape, dtype=weight.dtype, device=weight.device)
+    try:
+        trace = trace_forward(module, x)
+    except Exception as e:
+        return f"it fails on a probe input ({type(e).__name__})"
+    convs = [op for op in trace.ops if op.func in CONV_FUNCTIONS]
+    if trace.children:
+        return "it calls other modules"
+    if len(convs) != 1 or convs[0].out is not trace.output:
+        return "it does not return one convolution's output"
+    call = CONV_FUNCTIONS[convs[0].func](*convs[0].args, **convs[0].kwargs)
+    if call is None or call.weight is not weight:
+        return "its convolution does not use its own weight as Tune can compute it"
+    if call.bias is not module.bias:
+        return "its convolution's bias is not its own"
+    for op in trace.ops:
+        if op is not convs[0] and any(t is weight for t in trace.tensors_read(op)):
+            return "it reads its weight elsewhere"
     return None
 
 
@@ -87,8 +137,7 @@ def prepare(
     """The producer's input as its convolution sees it, and the convolution's spec.
 
     ``cache``: a dict owned by the caller (one per producer) that keeps the spec
-    between calls, so that its shape facts (``tune_autograd.shape_facts``) are
-    worked out once; it is used only while the module's settings stay the same.
+    between calls; it is used only while the module's settings stay the same.
     """
     if isinstance(module, nn.Linear):
         key = None
@@ -160,6 +209,80 @@ def _spec(module: nn.Module, key) -> OpSpec:
         output_padding=(0,) * nd,
         groups=module.groups,
     )
+
+
+class ConvCall(NamedTuple):
+    """One call of a convolution function: its input, weight, bias and geometry."""
+
+    input: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    spec: OpSpec
+
+
+def _tuple(value, n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    return tuple(value)
+
+
+def _conv_call(n: int):
+    def parse(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        if isinstance(padding, str):
+            if padding != "valid":
+                return None  # "same": asymmetric in general, not one symmetric padding
+            padding = 0
+        return ConvCall(
+            input,
+            weight,
+            bias,
+            OpSpec(
+                stride=_tuple(stride, n),
+                padding=_tuple(padding, n),
+                dilation=_tuple(dilation, n),
+                output_padding=(0,) * n,
+                groups=groups,
+            ),
+        )
+
+    return parse
+
+
+def _transposed_call(n: int):
+    def parse(
+        input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1
+    ):
+        return ConvCall(
+            input,
+            weight,
+            bias,
+            OpSpec(
+                transposed=True,
+                stride=_tuple(stride, n),
+                padding=_tuple(padding, n),
+                dilation=_tuple(dilation, n),
+                output_padding=_tuple(output_padding, n),
+                groups=groups,
+            ),
+        )
+
+    return parse
+
+
+def _linear_call(input, weight, bias=None):
+    return ConvCall(input, weight, bias, OpSpec(linear=True))
+
+
+# The functions a producer's own forward may end with, and how to read their arguments.
+CONV_FUNCTIONS = {
+    torch.conv1d: _conv_call(1),
+    torch.conv2d: _conv_call(2),
+    torch.conv3d: _conv_call(3),
+    torch.conv_transpose1d: _transposed_call(1),
+    torch.conv_transpose2d: _transposed_call(2),
+    torch.conv_transpose3d: _transposed_call(3),
+    F.linear: _linear_call,
+}
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

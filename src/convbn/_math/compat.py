@@ -1,10 +1,10 @@
-"""Autocast and compiler queries across the supported torch versions (>= 2.3)."""
+"""Autocast, compiler, tracer and transform queries across the supported torch versions (>= 2.3)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["autocast_enabled", "autocast_dtype", "is_compiling", "eager_plain_cpu"]
+__all__ = ["autocast_enabled", "autocast_dtype", "is_compiling", "functorch_active", "is_tracing"]
 
 try:
     torch.is_autocast_enabled("cpu")
@@ -45,12 +45,15 @@ def is_compiling() -> bool:
     return _IS_COMPILING()
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+# The two queries below run at every pair's call: the builtins themselves, no wrapper.
+try:
+    functorch_active = torch._C._are_functorch_transforms_active
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) is running."""
+except AttributeError:  # older torch: ask the interpreter stack
+
+    def functorch_active() -> bool:
+        return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def eager_plain_cpu(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a plain CPU tensor (no subclass, whose operations may refuse a
-    plain ``out=``) in code that neither torch.compile nor ``torch.jit.trace`` is
-    tracing: where Tune may use its own CPU kernels and scratch memory."""
-    # t.is_cpu, not t.device.type: the attribute is read without building a device object.
-    return type(t) in _PLAIN and t.is_cpu and not _IS_COMPILING() and not torch.jit.is_tracing()
+is_tracing = torch._C._is_tracing
+"""Whether ``torch.jit.trace`` is recording."""

@@ -1,10 +1,9 @@
 """The folding arithmetic of a producer -> BatchNorm pair, written once.
 
-Everything in convbn that needs ``w' = w * a`` and ``b' = (b - mu) * a + beta``
-(Tune forward and backward, Deploy export, the benchmark's reference
-formulation, the experiments) calls the functions here.
-
-Notation (PAPER.md): ``a = gamma / sqrt(var + eps)`` per output channel.
+Deploy export (``convbn.fuse``), the public ``convbn.functional.fold_tensors`` and Tune's
+plain-operator path compute ``w' = w * a`` and ``b' = (b - mu) * a + beta`` here, with
+``a = gamma / sqrt(var + eps)`` per output channel (docs/method.md). Tune's own path does
+the same arithmetic with BatchNorm's eval kernel (``tune_autograd``).
 """
 
 from __future__ import annotations
@@ -17,9 +16,10 @@ __all__ = [
     "fold_dtype",
     "bn_scale",
     "channel_view",
-    "per_channel_dot",
     "scale_weight",
     "fold_tensors",
+    "weight_rows",
+    "weight_of_rows",
 ]
 
 
@@ -70,43 +70,11 @@ def _grouped(weight: Tensor, transposed: bool, groups: int) -> Tensor:
     return weight.reshape((groups, weight.shape[0] // groups) + tuple(weight.shape[1:]))
 
 
-def scale_weight(
-    weight: Tensor, scale: Tensor, transposed: bool, groups: int, out: Tensor | None = None
-) -> Tensor:
-    """``weight * scale`` per output channel, in ``weight``'s own layout.
-
-    ``out``: a contiguous tensor of ``weight``'s shape to write into (not under autograd).
-    """
+def scale_weight(weight: Tensor, scale: Tensor, transposed: bool, groups: int) -> Tensor:
+    """``weight * scale`` per output channel, in ``weight``'s own layout."""
     grouped = _grouped(weight, transposed, groups)
-    view = channel_view(scale, weight, transposed, groups)
-    if out is not None:
-        torch.mul(grouped, view, out=out.view(grouped.shape))
-        return out
-    scaled = grouped * view
+    scaled = grouped * channel_view(scale, weight, transposed, groups)
     return scaled.reshape(weight.shape) if transposed else scaled
-
-
-def per_channel_dot(
-    a: Tensor, b: Tensor, transposed: bool, groups: int, out: Tensor | None = None
-) -> Tensor:
-    """``sum(a * b)`` over everything but the output channel, for weight-shaped ``a``, ``b``.
-
-    Returns shape ``(C_out,)``. ``out``: a contiguous tensor of ``a``'s shape that
-    takes the elementwise product instead of a fresh allocation (not under autograd).
-    """
-    if out is not None:
-        product = torch.mul(a, b, out=out)
-    elif not transposed:
-        n = a.shape[0]
-        # Measured on CPU: twice as fast as a batched matrix product of the rows.
-        return torch.linalg.vecdot(a.reshape(n, -1), b.reshape(n, -1))
-    else:
-        product = a * b
-    if not transposed:
-        return product.reshape(product.shape[0], -1).sum(1)
-    product = _grouped(product, transposed, groups)
-    product = product.reshape(product.shape[0], product.shape[1], product.shape[2], -1)
-    return product.sum((1, 3)).reshape(-1)
 
 
 def fold_tensors(
@@ -151,10 +119,7 @@ def fold_bias(
     beta: Tensor | None,
     dtype: torch.dtype,
 ) -> Tensor:
-    """``b' = (b - mu) * a + beta``, with absent ``b``/``beta`` taken as zero.
-
-    Written with fused multiply-adds: every kernel counts when Tune runs at small batch.
-    """
+    """``b' = (b - mu) * a + beta``, with absent ``b``/``beta`` taken as zero."""
     mean = cast(running_mean, dtype)
     if bias is None:
         if beta is None:
@@ -164,3 +129,26 @@ def fold_bias(
     if beta is None:
         return shift * scale
     return torch.addcmul(cast(beta, dtype), shift, scale)
+
+
+def weight_rows(weight: Tensor, transposed: bool, groups: int) -> Tensor:
+    """``weight`` laid out as BatchNorm's input ``(N, C_out, ...)``: output channel in dim 1.
+
+    A view for convolutions and linear maps (``(1, C_out, ...)``) and for ungrouped
+    transposed convolutions (their weight is ``(C_in, C_out, *k)`` already); a copy for
+    grouped transposed ones, whose output channels are spread over the groups' rows.
+    """
+    if not transposed:
+        return weight.unsqueeze(0)
+    if groups == 1:
+        return weight
+    return weight.unflatten(0, (groups, -1)).transpose(0, 1).flatten(1, 2)
+
+
+def weight_of_rows(rows: Tensor, transposed: bool, groups: int) -> Tensor:
+    """The inverse of :func:`weight_rows`: a tensor in the weight's own layout."""
+    if not transposed:
+        return rows[0]
+    if groups == 1:
+        return rows
+    return rows.unflatten(1, (groups, -1)).transpose(0, 1).flatten(0, 1)

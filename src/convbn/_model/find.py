@@ -1,19 +1,24 @@
-"""Finding producer -> BatchNorm pairs by dataflow.
+"""Finding producer -> BatchNorm pairs by dataflow, call by call.
 
-A pair is a producer (ConvNd, ConvTransposeNd, Linear) whose output goes to one
-BatchNorm-like module and nowhere else, at every place either is called. Two ways
-to see the dataflow:
+A pair is one call of a producer (ConvNd, ConvTransposeNd, Linear, or a subclass whose
+forward convbn recognises) whose output goes to one call of a BatchNorm-like module and
+nowhere else; for a Linear, through reshapes that keep its output feature as the
+BatchNorm1d's channel. A producer may be called several times, each call paired with
+its own BN or none (one convolution shared by the levels of a feature pyramid, each
+level with its own BN), and a BN may follow several producers. Two ways to see the
+dataflow:
 
-* torch.fx symbolic tracing (producers and norms are leaves), in train and in
-  eval mode, since forwards may branch on ``self.training``. When the root does
-  not trace, each child is traced on its own, recursively.
+* torch.fx symbolic tracing (producers and norms are leaves), in train and in eval
+  mode, since forwards may branch on ``self.training``. When the root does not trace,
+  each child is traced on its own, recursively.
 * one recorded forward on ``example_inputs``: module hooks note every call, a
-  ``TorchFunctionMode`` notes every operation that reads a producer's output.
-  This sees through data-dependent control flow. The model's parameters,
-  buffers and random number generators are left as they were.
+  ``TorchFunctionMode`` notes every operation that reads a producer's output. This
+  sees through data-dependent control flow. The model's parameters, buffers and
+  random number generators are left as they were.
 
-Each pair also gets its *caller*: the innermost module whose forward encloses
-both calls. Tune mode is armed only while that forward runs.
+Each pair also gets its *caller*: the innermost module whose forward encloses both
+calls. Tune mode is armed only while that forward runs, and a producer called several
+times there pairs its k-th call with the k-th partner found here.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from convbn._blocks.block import device_problem
-from convbn._blocks.norms import is_norm, norm_problem
+from convbn._blocks.norms import is_norm, norm_problem, norm_tail
+from convbn._blocks.probe import METADATA, func_name
 from convbn._blocks.producers import input_rank, is_producer, out_channels, producer_problem
 
 __all__ = ["Pair", "Analysis", "find_pairs", "ExampleInputError"]
@@ -40,9 +46,16 @@ class ExampleInputError(ValueError):
 
 @dataclass(frozen=True)
 class Pair:
+    """``producer``'s calls in ``caller``'s forward feed ``bn``: every call when ``call``
+    is None, else its ``call``-th call (from 0). ``reshaped``: the linear map's output is
+    reshaped on its way to the BatchNorm1d."""
+
     producer: str
     bn: str
     caller: str
+    call: int | None = None
+    reshaped: bool = False
+    tail: tuple[str, ...] = ()
 
 
 @dataclass
@@ -50,25 +63,39 @@ class Analysis:
     pairs: list[Pair] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     method: str = ""
+    # Pairs Deploy mode can fold: every call of the producer feeds the BN, and the BN
+    # is called on nothing else.
+    foldable: set[tuple[str, str]] = field(default_factory=set)
+
+
+# Reshapes between a linear map and its BatchNorm1d that keep the output feature last.
+_RESHAPES = frozenset({"flatten", "reshape", "view", "view_as", "reshape_as", "unsqueeze"})
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def _static_problem(model: nn.Module, producer: str, bn: str) -> str | None:
+def _static_problem(model: nn.Module, producer: str, bn: str, reshaped: bool, tails: dict):
+    """Why the pair can never run in Tune mode, or None; fills ``tails[bn]``."""
     p, b = model.get_submodule(producer), model.get_submodule(bn)
+    if reshaped and not isinstance(p, nn.Linear):
+        return "the producer's output is reshaped before the BN (only a Linear's may be)"
     problem = producer_problem(p) or norm_problem(b) or device_problem(p, b)
     if problem:
         return problem
     if b.running_mean.numel() != out_channels(p):
         return f"{b.running_mean.numel()} BN channels but the producer has {out_channels(p)}"
+    rank = 2 if reshaped else input_rank(p)
     check_dim = getattr(b, "_check_input_dim", None)
     if check_dim is not None:
         try:
-            check_dim(torch.empty((1,) * input_rank(p), device="meta"))
+            check_dim(torch.empty((1,) * rank, device="meta"))
         except ValueError:
-            return f"{type(b).__name__} does not take the rank-{input_rank(p)} output of {type(p).__name__}"
-    return None
+            return f"{type(b).__name__} does not take the rank-{rank} output of {type(p).__name__}"
+    if bn not in tails:
+        tails[bn] = norm_tail(b, rank)
+    tail, problem = tails[bn]
+    return problem
 
 
 def _common_caller(a: list[str], b: list[str]) -> str:
@@ -80,47 +107,120 @@ def _common_caller(a: list[str], b: list[str]) -> str:
     return caller
 
 
+@dataclass
+class _Call:
+    """One call of a producer: its partner BN (or None), and the modules enclosing it."""
+
+    producer: str
+    stack: list[str]
+    bn: str | None = None
+    caller: str | None = None
+    reshaped: bool = False
+
+
 class _Sites:
-    """Every call site seen, and the verdict at each: merged over traces and modes."""
+    """Every call seen, per trace, and the BN calls without a producer partner."""
 
     def __init__(self):
-        self.bn_sites: dict[str, list[tuple[str | None, str, str]]] = {}
-        self.producer_partner: dict[str, set[str | None]] = {}
+        self.traces: list[list[_Call]] = []
+        self.bn_reasons: dict[str, list[str]] = {}
         self.called: set[str] = set()
 
-    def bn_call(self, bn: str, producer: str | None, reason: str, caller: str) -> None:
+    def new_trace(self) -> list[_Call]:
+        calls: list[_Call] = []
+        self.traces.append(calls)
+        return calls
+
+    def bn_alone(self, bn: str, reason: str) -> None:
         self.called.add(bn)
-        self.bn_sites.setdefault(bn, []).append((producer, reason, caller))
+        self.bn_reasons.setdefault(bn, []).append(reason)
 
-    def producer_call(self, producer: str, bn: str | None) -> None:
-        self.called.add(producer)
-        self.producer_partner.setdefault(producer, set()).add(bn)
+    def verdict(self, model: nn.Module) -> tuple[list[Pair], list[tuple[str, str]], set]:
+        tails: dict = {}
+        problems: dict[tuple[str, str, bool], str | None] = {}
+        bn_reasons = {k: list(v) for k, v in self.bn_reasons.items()}
+        # Sequences of partners, per (producer, caller), per trace.
+        sequences: dict[tuple[str, str], list[tuple]] = {}
+        for calls in self.traces:
+            for call in calls:
+                self.called.add(call.producer)
+                if call.bn is not None:
+                    self.called.add(call.bn)
+                    key = (call.producer, call.bn, call.reshaped)
+                    if key not in problems:
+                        problems[key] = _static_problem(model, *key, tails)
+                    if problems[key] is not None:
+                        bn_reasons.setdefault(call.bn, []).append(problems[key])
+                        call.bn = None
+        # The (producer, caller) of every pair seen in any trace, then, in each trace
+        # that calls the producer inside the caller, the sequence of its partners.
+        keys = list(
+            dict.fromkeys((c.producer, c.caller) for calls in self.traces for c in calls if c.bn)
+        )
+        callers_of: dict[str, set[str]] = {}
+        for producer, caller in keys:
+            callers_of.setdefault(producer, set()).add(caller)
+        for calls in self.traces:
+            for producer, caller in keys:
+                deeper = [c for c in callers_of[producer] if c != caller and _inside(c, caller)]
+                seq = tuple(
+                    (c.bn, c.reshaped) if c.bn is not None and c.caller == caller else None
+                    for c in calls
+                    if c.producer == producer
+                    and _encloses(caller, c.stack)
+                    and not any(_encloses(d, c.stack) for d in deeper)
+                )
+                if seq:
+                    sequences.setdefault((producer, caller), []).append(seq)
+        pairs: list[Pair] = []
+        paired_bns: set[str] = set()
+        for (producer, caller), seqs in sequences.items():
+            if any(s != seqs[0] for s in seqs):
+                for seq in seqs:
+                    for entry in seq:
+                        if entry is not None:
+                            bn_reasons.setdefault(entry[0], []).append(
+                                f"{producer} feeds different BNs in train and in eval mode"
+                            )
+                continue
+            seq = seqs[0]
+            if len({entry for entry in seq}) == 1 and seq[0] is not None:
+                bn, reshaped = seq[0]
+                pairs.append(Pair(producer, bn, caller, None, reshaped, tails[bn][0]))
+                paired_bns.add(bn)
+                continue
+            for index, entry in enumerate(seq):
+                if entry is not None:
+                    bn, reshaped = entry
+                    pairs.append(Pair(producer, bn, caller, index, reshaped, tails[bn][0]))
+                    paired_bns.add(bn)
+        skipped = [(bn, reasons[0]) for bn, reasons in bn_reasons.items() if bn not in paired_bns]
+        partners: dict[str, set] = {}
+        for calls in self.traces:
+            for c in calls:
+                partners.setdefault(c.producer, set()).add(c.bn)
+        feeders: dict[str, set] = {}
+        for p, bns in partners.items():
+            for b in bns:
+                feeders.setdefault(b, set()).add(p)
+        foldable = {
+            (p.producer, p.bn)
+            for p in pairs
+            if partners[p.producer] == {p.bn}
+            and feeders[p.bn] == {p.producer}
+            and p.bn not in self.bn_reasons
+        }
+        return pairs, skipped, foldable
 
-    def verdict(self, model: nn.Module) -> tuple[list[Pair], list[tuple[str, str]]]:
-        pairs, skipped = [], []
-        for bn, sites in self.bn_sites.items():
-            reasons = [r for p, r, c in sites if p is None]
-            if reasons:
-                skipped.append((bn, reasons[0]))
-                continue
-            producers = {p for p, r, c in sites}
-            callers = {c for p, r, c in sites}
-            if len(producers) > 1:
-                skipped.append((bn, "called at several places with different producers"))
-                continue
-            (producer,) = producers
-            if self.producer_partner.get(producer, set()) != {bn}:
-                skipped.append((bn, f"producer {producer} is also called without this BN"))
-                continue
-            if len(callers) > 1:
-                skipped.append((bn, "pair called from several different modules"))
-                continue
-            problem = _static_problem(model, producer, bn)
-            if problem:
-                skipped.append((bn, problem))
-                continue
-            pairs.append(Pair(producer, bn, callers.pop()))
-        return pairs, skipped
+
+def _inside(inner: str, outer: str) -> bool:
+    """Whether module ``inner`` is ``outer`` or below it (qualified names)."""
+    return outer == "" or inner == outer or inner.startswith(outer + ".")
+
+
+def _encloses(caller: str, stack: list[str]) -> bool:
+    """Whether a call made with module ``stack`` running happens inside ``caller``'s forward."""
+    return caller in stack
 
 
 # --------------------------------------------------------------------------- torch.fx
@@ -139,9 +239,11 @@ def _input_node(node: fx.Node) -> fx.Node | None:
 
 
 def _stack(node: fx.Node, prefix: str) -> list[str]:
+    """The modules whose forward is running at ``node``, outermost first, the traced
+    module (``prefix``) included; the node's own module is left out."""
     stack = node.meta.get("nn_module_stack") or {}
     names = [v[0] for v in stack.values()][:-1]
-    return [_join(prefix, n) for n in names]
+    return [prefix] + [_join(prefix, n) for n in names if n]
 
 
 def _join(prefix: str, name: str) -> str:
@@ -157,42 +259,61 @@ def _describe(node: fx.Node, root: nn.Module) -> str:
     return f"input comes from {node.op} {target}, not a producer module"
 
 
+def _is_reshape(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _RESHAPES
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "") in ("flatten", "reshape")
+    return False
+
+
+def _bn_of(node: fx.Node, module: nn.Module) -> tuple[fx.Node | None, bool]:
+    """The BN call that alone reads ``node`` (a producer call), directly or through
+    reshapes that each have one reader; and whether reshapes were passed."""
+    reshaped = False
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.op == "call_module" and is_norm(module.get_submodule(user.target)):
+            return (user if _input_node(user) is node else None), reshaped
+        if not _is_reshape(user) or user.args[0] is not node:
+            return None, False
+        node, reshaped = user, True
+    return None, False
+
+
 def _trace_sites(module: nn.Module, prefix: str, sites: _Sites) -> None:
     graph = _Tracer().trace(module)
+    calls = sites.new_trace()
     for node in graph.nodes:
         if node.op != "call_module":
             continue
         target = module.get_submodule(node.target)
         name = _join(prefix, node.target)
-        if is_norm(target):
+        if is_producer(target):
+            call = _Call(name, _stack(node, prefix))
+            bn_node, reshaped = _bn_of(node, module)
+            if bn_node is not None:
+                call.bn = _join(prefix, bn_node.target)
+                call.caller = _common_caller(call.stack, _stack(bn_node, prefix))
+                call.reshaped = reshaped
+            calls.append(call)
+        elif is_norm(target):
             src = _input_node(node)
-            caller = _join(prefix, "")
             if src is None:
-                sites.bn_call(name, None, "called with several arguments or a constant", caller)
-            elif src.op == "call_module" and is_producer(module.get_submodule(src.target)):
-                pname = _join(prefix, src.target)
-                if len(src.users) != 1:
-                    sites.bn_call(
-                        name,
-                        None,
-                        f"output of {pname} also goes to {len(src.users) - 1} other place(s)",
-                        caller,
-                    )
+                sites.bn_alone(name, "called with several arguments or a constant")
+                continue
+            origin = src
+            while _is_reshape(origin) and isinstance(origin.args[0], fx.Node):
+                origin = origin.args[0]
+            if origin.op == "call_module" and is_producer(module.get_submodule(origin.target)):
+                if _bn_of(origin, module)[0] is not node:
+                    pname = _join(prefix, origin.target)
+                    others = max(len(origin.users) - 1, 1)
+                    sites.bn_alone(name, f"output of {pname} also goes to {others} other place(s)")
                 else:
-                    caller = _common_caller(_stack(src, prefix), _stack(node, prefix)) or prefix
-                    sites.bn_call(name, pname, "", caller)
+                    sites.called.add(name)
             else:
-                sites.bn_call(name, None, _describe(src, module), caller)
-        elif is_producer(target):
-            users = list(node.users)
-            partner = None
-            if (
-                len(users) == 1
-                and users[0].op == "call_module"
-                and is_norm(module.get_submodule(users[0].target))
-            ):
-                partner = _join(prefix, users[0].target)
-            sites.producer_call(name, partner)
+                sites.bn_alone(name, _describe(src, module))
 
 
 @contextlib.contextmanager
@@ -259,39 +380,17 @@ def _analyse_fx_inner(
 
 # --------------------------------------------------------------------------- recording
 
-_METADATA = {
-    "shape",
-    "dtype",
-    "device",
-    "size",
-    "dim",
-    "ndim",
-    "ndimension",
-    "numel",
-    "stride",
-    "is_contiguous",
-    "requires_grad",
-    "layout",
-    "is_floating_point",
-    "is_complex",
-    "element_size",
-    "is_cuda",
-    "get_device",
-    "__len__",
-    "names",
-    "is_leaf",
-    "grad_fn",
-    "is_sparse",
-    "is_quantized",
-}
 
+class _Output:
+    """A producer's output, or a reshape of it, and who read it."""
 
-def _func_name(func) -> str:
-    name = getattr(func, "__name__", "")
-    if name == "__get__":
-        owner = getattr(func, "__self__", None)
-        name = getattr(owner, "__name__", name)
-    return name
+    __slots__ = ("call", "root", "readers", "reshaped")
+
+    def __init__(self, call: _Call, root: bool):
+        self.call = call
+        self.root = root
+        self.reshaped = not root
+        self.readers: list[tuple] = []
 
 
 class _Recorder(TorchFunctionMode):
@@ -302,22 +401,37 @@ class _Recorder(TorchFunctionMode):
         self.names = names
         self.stack: list[str] = []
         self.inside_leaf = 0
-        # id(output) -> (producer name, caller stack, readers); outputs kept alive so
-        # that ids stay unique for the whole forward.
-        self.outputs: dict[int, tuple[str, list[str], list[tuple[str, str]]]] = {}
+        # id(tensor) -> _Output; the tensors are kept alive so that ids stay unique.
+        self.outputs: dict[int, _Output] = {}
         self.keep: list[torch.Tensor] = []
         self.sites = _Sites()
+        self.calls = self.sites.new_trace()
 
-    def _read(self, values, reader: tuple[str, str]) -> None:
+    def _read(self, values, reader: tuple) -> None:
         for t in tree_flatten(values)[0]:
             if isinstance(t, torch.Tensor) and id(t) in self.outputs:
-                self.outputs[id(t)][2].append(reader)
+                self.outputs[id(t)].readers.append(reader)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.inside_leaf and self.outputs and _func_name(func) not in _METADATA:
-            self._read((args, kwargs), ("other", _func_name(func)))
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        name = func_name(func)
+        if not self.inside_leaf and self.outputs and name not in METADATA:
+            source = self.outputs.get(id(args[0])) if args else None
+            tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            if (
+                name in _RESHAPES | {"flatten", "reshape"}
+                and source is not None
+                and len(tensors) == 1 + (name in ("view_as", "reshape_as"))
+                and isinstance(result, torch.Tensor)
+            ):
+                alias = _Output(source.call, False)
+                source.readers.append(("reshape", alias))
+                self.outputs[id(result)] = alias
+                self.keep.append(result)
+            else:
+                self._read((args, kwargs), ("other", name))
+        return result
 
     def pre(self, module, args, kwargs):
         name = self.names.get(module)
@@ -328,14 +442,11 @@ class _Recorder(TorchFunctionMode):
             values = list(args) + list(kwargs.values())
             src = values[0] if len(values) == 1 else None
             if is_norm(module) and isinstance(src, torch.Tensor) and id(src) in self.outputs:
-                caller = _common_caller(self.outputs[id(src)][1], self.stack)
-                self.outputs[id(src)][2].append(("bn", name, caller))
+                self.outputs[id(src)].readers.append(("bn", name, list(self.stack)))
             else:
                 self._read(values, ("other", type(module).__name__))
                 if is_norm(module):
-                    self.sites.bn_call(
-                        name, None, "input is not the output of a producer module", ""
-                    )
+                    self.sites.bn_alone(name, "input is not the output of a producer module")
         if leaf:
             self.inside_leaf += 1
         self.stack.append(name)
@@ -348,7 +459,9 @@ class _Recorder(TorchFunctionMode):
         if is_producer(module) or is_norm(module):
             self.inside_leaf -= 1
         if is_producer(module) and not self.inside_leaf and isinstance(output, torch.Tensor):
-            self.outputs[id(output)] = (name, list(self.stack), [])
+            call = _Call(name, [""] + list(self.stack))
+            self.calls.append(call)
+            self.outputs[id(output)] = _Output(call, True)
             self.keep.append(output)
 
     def record(self, model: nn.Module, inputs: tuple) -> _Sites:
@@ -367,19 +480,29 @@ class _Recorder(TorchFunctionMode):
         finally:
             for h in handles:
                 h.remove()
-        for producer, _, readers in self.outputs.values():
-            bns = [r for r in readers if r[0] == "bn"]
-            if len(readers) == 1 and bns:
-                _, bn, caller = bns[0]
-                self.sites.bn_call(bn, producer, "", caller)
-                self.sites.producer_call(producer, bn)
-                continue
-            self.sites.producer_call(producer, None)
-            others = sorted({r[1] for r in readers if r[0] == "other"})
-            for _, bn, _ in bns:
-                why = f"output of {producer} is also read by {', '.join(others) or 'another BN'}"
-                self.sites.bn_call(bn, None, why, "")
+        for output in self.outputs.values():
+            if output.root:
+                self._pair(output)
         return self.sites
+
+    def _pair(self, output: _Output) -> None:
+        call = output.call
+        node, reshaped = output, False
+        while len(node.readers) == 1 and node.readers[0][0] == "reshape":
+            node, reshaped = node.readers[0][1], True
+        readers = node.readers
+        bns = [r for r in readers if r[0] == "bn"]
+        if len(readers) == 1 and bns:
+            _, bn, stack = bns[0]
+            call.bn = bn
+            call.caller = _common_caller(call.stack, [""] + stack)
+            call.reshaped = reshaped
+            self.sites.called.add(bn)
+            return
+        others = sorted({r[1] for r in readers if r[0] == "other"})
+        for _, bn, _ in bns:
+            why = f"output of {call.producer} is also read by {', '.join(others) or 'another BN'}"
+            self.sites.bn_alone(bn, why)
 
 
 def _record(model: nn.Module, inputs: tuple) -> _Sites:
@@ -435,7 +558,7 @@ def find_pairs(model: nn.Module, example_inputs=None) -> Analysis:
     else:
         _analyse_fx(model, "", model, sites, untraced)
         method = "torch.fx" if not untraced else "torch.fx (per sub-module)"
-    pairs, skipped = sites.verdict(model)
+    pairs, skipped, foldable = sites.verdict(model)
     seen = {p.bn for p in pairs} | {name for name, _ in skipped}
     for name, module in model.named_modules():
         if is_norm(module) and name not in seen:
@@ -451,4 +574,4 @@ def find_pairs(model: nn.Module, example_inputs=None) -> Analysis:
             "pair was found in its traceable parts; pass example_inputs, a tuple of the "
             "positional arguments of model.forward, e.g. convbn.tune(model, (images,))"
         )
-    return Analysis(pairs, skipped, method)
+    return Analysis(pairs, skipped, method, foldable)
