@@ -257,6 +257,9 @@ GEOMETRIES = {
     "conv1d": (lambda: nn.Conv1d(3, 4, 3), (2, 3, 7)),
     "conv3d": (lambda: nn.Conv3d(3, 4, 2), (1, 3, 3, 3, 3)),
     "linear": (lambda: nn.Linear(64, 32, bias=False), (2, 64)),
+    # Over _SPLIT_NUMEL weight elements: the input's gradient in a call of its own.
+    "large-conv": (lambda: nn.Conv2d(64, 512, 3, padding=1), (1, 64, 2, 2)),
+    "large-linear": (lambda: nn.Linear(1024, 512), (3, 1024)),
 }
 BN_FOR = {5: nn.BatchNorm3d, 4: nn.BatchNorm2d, 3: nn.BatchNorm1d, 2: nn.BatchNorm1d}
 

@@ -121,27 +121,26 @@ def run_tune(
 
     ``cache``: the converted producer's own dict (see ``prepare``).
     """
-    stats = norm_stats(bn, checked=True)
+    buffers = bn._buffers
+    mean, var = buffers.get("running_mean"), buffers.get("running_var")
+    owner = bn._parameters if "weight" in bn._parameters else buffers
+    if mean is None or var is None or "weight" not in owner or "bias" not in owner:
+        # Statistics moved out of the module's dicts (a parametrization): the attributes.
+        stats = norm_stats(bn, checked=True)
+        mean, var, gamma, beta = stats.running_mean, stats.running_var, stats.weight, stats.bias
+    else:
+        gamma, beta = owner["weight"], owner["bias"]
     x, spec = prepare(producer, x, output_size, cache)
     dtype = compute_dtype(x)
-    if x.dtype != dtype:
+    if x.dtype is not dtype:
         x = x.to(dtype)
     params = producer._parameters
-    weight, bias = params.get("weight"), params.get("bias")
+    weight = params.get("weight")
     if weight is None:  # a parametrization moves them out of _parameters
         weight, bias = producer.weight, producer.bias
-    return tune_apply(
-        x,
-        weight,
-        bias,
-        stats.running_mean,
-        stats.running_var,
-        stats.weight,
-        stats.bias,
-        stats.eps,
-        spec,
-        constants,
-    )
+    else:
+        bias = params.get("bias")
+    return tune_apply(x, weight, bias, mean, var, gamma, beta, bn.eps, spec, constants)
 
 
 class _Intercept(TorchFunctionMode):

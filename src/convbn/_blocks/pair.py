@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.modules import module as _module_globals
 
 from convbn._blocks.block import run_own_forward, run_tune
-from convbn._blocks.norms import uses_running_stats
+from convbn._blocks.norms import is_frozen, uses_running_stats
 from convbn._blocks.producers import input_rank, out_channels
 from convbn._math.compat import is_compiling
 from convbn._math.tune_autograd import Constants
@@ -84,6 +84,7 @@ class Link:
         self.rank = -1 if reshaped else input_rank(producer)
         self.fused = True
         self.freeze = False
+        self.frozen = is_frozen(bn)  # a FrozenBatchNorm always uses its statistics
 
     def may_fuse(self, producer: nn.Module, x) -> bool:
         bn = self.bn
@@ -92,7 +93,7 @@ class Link:
             and isinstance(x, torch.Tensor)
             and (x.dim() == self.rank or self.rank < 0)
             and self.parent._modules.get(self.bn_key) is bn
-            and uses_running_stats(bn)
+            and (self.frozen or uses_running_stats(bn))
             and not producer._forward_hooks
             and not bn._forward_hooks
             and not bn._forward_pre_hooks

@@ -165,18 +165,19 @@ def prepare(
         )
     if is_compiling():
         cache = None  # what torch.compile traces must not depend on it, nor change it
-    spec = None
     if cache is not None and cache.get("key", _NONE) == key:
-        spec = cache["spec"]
-    if spec is None:
+        spec, pad = cache["spec"], cache["pad"]
+    else:
         spec = _spec(module, key)
+        pad = 0
+        if key is not None and not spec.transposed:
+            pad = 1 if module.padding_mode != "zeros" else 2 if module.padding == "same" else 0
         if cache is not None:
-            cache["key"], cache["spec"] = key, spec
-    if key is not None and not spec.transposed:
-        if module.padding_mode != "zeros":
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        elif module.padding == "same":
-            x = _same_padding(module, x)[0]
+            cache["key"], cache["spec"], cache["pad"] = key, spec, pad
+    if pad == 1:
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    elif pad == 2:
+        x = _same_padding(module, x)[0]
     return x, spec
 
 
@@ -287,7 +288,12 @@ CONV_FUNCTIONS = {
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the producer computes in: the autocast dtype when autocast applies."""
+    if not _any_autocast():
+        return x.dtype
     device_type = x.device.type
     if x.is_floating_point() and autocast_enabled(device_type):
         return autocast_dtype(device_type)
     return x.dtype
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)

@@ -109,9 +109,9 @@ def _backward(ctx, grad):
     dtype, eps = ctx.dtype, ctx.eps
     gamma_f = None if gamma is None else cast(gamma, dtype)
     mean_f, var_f = cast(mean, dtype), cast(var, dtype)
-    rows, zeros, w_f, saved_mean, saved_invstd = _fold_weight(
-        weight, gamma_f, var, eps, transposed, groups, dtype
-    )
+    rows, zeros, w_f, _, _ = _fold_weight(weight, gamma_f, var, eps, transposed, groups, dtype)
+    # Empty saved statistics: the eval-mode backward works from the running ones.
+    saved_mean = saved_invstd = zeros[:0]
     w_op = weight_of_rows(w_f, transposed, groups).to(grad.dtype)
     if linear:
         gx = grad.matmul(w_op) if need_x else None

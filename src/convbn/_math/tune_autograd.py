@@ -15,7 +15,9 @@ pair and training step:
                dJ/db, dJ/dgamma_b = bn_backward(dJ/db', b or 0)
                dJ/dgamma = dJ/dgamma_w + dJ/dgamma_b        dJ/dbeta = dJ/db'
 
-Eight operators, no value read on the host. What autograd keeps: the input (only when a
+Eight operators (nine for a weight of 2^18 elements or more, whose input gradient gets a
+call of its own so that two weight-sized temporaries, not three, are alive at once), no
+value read on the host. What autograd keeps: the input (only when a
 weight-side gradient is wanted) and the module's own parameters, which is what Deploy's
 convolution keeps; ``w'`` is made again in backward. Backward is made of differentiable
 operators, so double backward is right.
@@ -41,53 +43,115 @@ __all__ = ["OpSpec", "Constants", "apply_op", "tune_apply"]
 
 _bn = torch._native_batch_norm_legit_no_training
 # Looked up once: an OpOverload's own call costs more than the operator at small sizes.
-_bn_backward = torch.ops.aten.native_batch_norm_backward.default
-_conv_backward = torch.ops.aten.convolution_backward.default
+# The operators' own functions: an OpOverload's __call__ adds Python to every call.
+_bn_backward = torch.ops.aten.native_batch_norm_backward.default._op
+_conv_backward = torch.ops.aten.convolution_backward.default._op
+# From this many weight elements (1 MiB in float32) the backward makes the input's
+# gradient in a call of its own: one operator more, one weight-sized temporary less.
+_SPLIT_NUMEL = 2**18
 
 
-class OpSpec(NamedTuple):
+class OpSpec:
     """How the producer maps its (already padded) input: a convolution or a linear map.
 
     ``padding`` is the symmetric zero padding that the convolution applies itself;
     padding modes and asymmetric ``"same"`` padding are applied to the input before.
+    Made once per producer; what the per-call path needs is worked out here.
     """
 
-    linear: bool = False
-    transposed: bool = False
-    stride: tuple[int, ...] = ()
-    padding: tuple[int, ...] = ()
-    dilation: tuple[int, ...] = ()
-    output_padding: tuple[int, ...] = ()
-    groups: int = 1
+    __slots__ = (
+        "linear",
+        "transposed",
+        "stride",
+        "padding",
+        "dilation",
+        "output_padding",
+        "groups",
+        "args",
+        "plain_rows",
+    )
+
+    def __init__(
+        self,
+        linear: bool = False,
+        transposed: bool = False,
+        stride: tuple[int, ...] = (),
+        padding: tuple[int, ...] = (),
+        dilation: tuple[int, ...] = (),
+        output_padding: tuple[int, ...] = (),
+        groups: int = 1,
+    ):
+        self.linear = linear
+        self.transposed = transposed
+        self.stride = tuple(stride)
+        self.padding = tuple(padding)
+        self.dilation = tuple(dilation)
+        self.output_padding = tuple(output_padding)
+        self.groups = groups
+        # torch.convolution's and convolution_backward's geometry arguments, in order.
+        self.args = (
+            self.stride,
+            self.padding,
+            self.dilation,
+            transposed,
+            self.output_padding,
+            groups,
+        )
+        # Whether the weight is BatchNorm's input after unsqueeze(0) (all but transposed).
+        self.plain_rows = not transposed
+
+    def _key(self):
+        return (self.linear,) + self.args
+
+    def __eq__(self, other):
+        return isinstance(other, OpSpec) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__[:7])
+        return f"OpSpec({fields})"
 
 
 class _Zeros(NamedTuple):
     channels: Tensor  # (C,): the zero mean of the weight's fold
     row: Tensor  # (1, C): the bias of a producer without one
     empty: Tensor  # (0,): BatchNorm backward's unused saved statistics
+    dtype: torch.dtype
+    sizes: list  # [C]: convolution_backward's bias_sizes
 
 
 class Constants:
     """A pair's constant tensors (zeros of its channel count), one set per device and dtype.
 
     Made on first use and kept: they are the same at every call, and making them anew
-    would be operators on the host's path.
+    would be operators on the host's path. The set used last is found again by the
+    identity of the running variance it was made for (a module's ``.to()`` gives its
+    buffers new tensors).
     """
 
-    __slots__ = ("channels", "_sets")
+    __slots__ = ("channels", "_sets", "_last_var", "_last")
 
     def __init__(self, channels: int):
         self.channels = channels
         self._sets: dict = {}
+        self._last_var = None
+        self._last: _Zeros | None = None
 
-    def get(self, like: Tensor, dtype: torch.dtype) -> _Zeros:
-        key = (like.device, dtype)
+    def get(self, var: Tensor, dtype: torch.dtype) -> _Zeros:
+        last = self._last
+        if var is self._last_var and last.dtype is dtype:
+            return last
+        key = (var.device, dtype)
         zeros = self._sets.get(key)
         if zeros is None:
-            channels = torch.zeros(self.channels, dtype=dtype, device=like.device)
-            zeros = _Zeros(channels, channels.view(1, -1), channels[:0])
-            if not is_compiling():
-                self._sets[key] = zeros
+            channels = torch.zeros(self.channels, dtype=dtype, device=var.device)
+            zeros = _Zeros(channels, channels.view(1, -1), channels[:0], dtype, [self.channels])
+            if is_compiling():
+                return zeros  # a side effect torch.compile would have to replay
+            self._sets[key] = zeros
+        self._last_var, self._last = var, zeros
         return zeros
 
     def __getstate__(self):
@@ -96,23 +160,14 @@ class Constants:
     def __setstate__(self, state):
         self.channels = state["channels"]
         self._sets = {}
+        self._last_var = self._last = None
 
 
 def apply_op(spec: OpSpec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """The producer's computation with the given weight and bias."""
     if spec.linear:
         return torch.nn.functional.linear(x, weight, bias)
-    return torch.convolution(
-        x,
-        weight,
-        bias,
-        spec.stride,
-        spec.padding,
-        spec.dilation,
-        spec.transposed,
-        spec.output_padding,
-        spec.groups,
-    )
+    return torch.convolution(x, weight, bias, *spec.args)
 
 
 def _op_backward(spec: OpSpec, grad: Tensor, x: Tensor | None, x_shape, weight: Tensor, mask):
@@ -127,43 +182,39 @@ def _op_backward(spec: OpSpec, grad: Tensor, x: Tensor | None, x_shape, weight: 
         # Only the input's shape matters for its gradient (as in torch.nn.grad).
         x = grad.new_empty(1).expand(x_shape)
     out_channels = weight.shape[1] * spec.groups if spec.transposed else weight.shape[0]
-    return _conv_backward(
-        grad,
-        x,
-        weight,
-        [out_channels] if mask[2] else None,
-        spec.stride,
-        spec.padding,
-        spec.dilation,
-        spec.transposed,
-        spec.output_padding,
-        spec.groups,
-        mask,
-    )
+    return _conv_backward(grad, x, weight, [out_channels] if mask[2] else None, *spec.args, mask)
 
 
-def _weight_rows(weight: Tensor, spec: OpSpec) -> Tensor:
-    """The weight as BatchNorm's input, its output channel in dimension 1."""
-    if spec.transposed:
-        return weight_rows(weight, True, spec.groups)
-    return weight.unsqueeze(0)
+def _rows(weight: Tensor, spec: OpSpec, dtype) -> Tensor:
+    """The weight, in the folding dtype, as BatchNorm's input: output channel in dim 1."""
+    if weight.dtype is not dtype:
+        weight = weight.to(dtype)
+    if spec.plain_rows:
+        return weight.unsqueeze(0)
+    return weight_rows(weight, True, spec.groups)
 
 
-def _weight_of_rows(rows: Tensor, spec: OpSpec) -> Tensor:
-    if spec.transposed:
-        return weight_of_rows(rows, True, spec.groups)
-    return rows[0]
+def _of_rows(rows: Tensor, spec: OpSpec) -> Tensor:
+    if spec.plain_rows:
+        return rows[0]
+    return weight_of_rows(rows, True, spec.groups)
 
 
 def _forward(x, weight, bias, gamma, beta, info):
-    mean, var, eps, spec, zeros, dtype = info
-    rows = _weight_rows(cast(weight, dtype), spec)
-    w_f = _weight_of_rows(_bn(rows, gamma, None, zeros.channels, var, 0.0, eps)[0], spec)
-    b_in = zeros.row if bias is None else cast(bias, dtype).view(1, -1)
-    b_f = _bn(b_in, gamma, beta, mean, var, 0.0, eps)[0].view(-1)
-    if x.dtype != dtype:  # autocast: the producer computes in x's dtype
+    mean, var, eps, spec, zeros = info
+    dtype = zeros.dtype
+    w_f = _of_rows(
+        _bn(_rows(weight, spec, dtype), gamma, None, zeros.channels, var, 0.0, eps)[0], spec
+    )
+    if bias is None:
+        b_f = _bn(zeros.row, gamma, beta, mean, var, 0.0, eps)[0][0]
+    else:
+        b_f = _bn(cast(bias, dtype).view(1, -1), gamma, beta, mean, var, 0.0, eps)[0][0]
+    if x.dtype is not dtype:  # autocast: the producer computes in x's dtype
         w_f, b_f = w_f.to(x.dtype), b_f.to(x.dtype)
-    return apply_op(spec, x, w_f, b_f)
+    if spec.linear:
+        return torch.nn.functional.linear(x, w_f, b_f)
+    return torch.convolution(x, w_f, b_f, *spec.args)
 
 
 class _Tune(torch.autograd.Function):
@@ -172,63 +223,94 @@ class _Tune(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, beta, info):
         needs = ctx.needs_input_grad
-        ctx.save_for_backward(x if needs[1] or needs[3] else None, weight, bias, gamma)
+        if needs[1] or needs[3]:
+            ctx.save_for_backward(x, weight, bias, gamma)
+        else:
+            ctx.save_for_backward(None, weight, bias, gamma)
+            ctx.x_shape = x.shape
         ctx.info = info
-        ctx.x_shape = x.shape
         return _forward(x, weight, bias, gamma, beta, info)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, gamma = ctx.saved_tensors
-        mean, var, eps, spec, zeros, dtype = ctx.info
+        mean, var, eps, spec, zeros = ctx.info
+        dtype = zeros.dtype
         need_x, need_w, need_b, need_gamma, need_beta, _ = ctx.needs_input_grad
-        rows = _weight_rows(cast(weight, dtype), spec)
-        op_dtype = grad.dtype
-        saved_mean = saved_invstd = zeros.empty
+        rows = _rows(weight, spec, dtype)
         if need_x:
-            w_f, saved_mean, saved_invstd = _bn(rows, gamma, None, zeros.channels, var, 0.0, eps)
-            w_op = cast(_weight_of_rows(w_f, spec), op_dtype)
+            w_op = _of_rows(_bn(rows, gamma, None, zeros.channels, var, 0.0, eps)[0], spec)
+            if w_op.dtype is not grad.dtype:
+                w_op = w_op.to(grad.dtype)
         else:
-            w_op = cast(weight, op_dtype)  # only its shape is read
-        mask = [need_x, need_w or need_gamma, need_b or need_gamma or need_beta]
-        gx, gw_f, gb_f = _op_backward(spec, grad, x, ctx.x_shape, w_op, mask)
-        gw = gb = g_gamma = None
-        if need_w or need_gamma:
+            w_op = weight if weight.dtype is grad.dtype else weight.to(grad.dtype)
+        # Empty saved statistics: BatchNorm's eval-mode backward then works from the
+        # running ones it is given (and a forward's might not be the ones of this call).
+        empty = zeros.empty
+        weight_side = need_w or need_gamma
+        bias_side = need_b or need_gamma or need_beta
+        mask = [need_x, weight_side, bias_side]
+        if need_x and weight_side and w_op.numel() >= _SPLIT_NUMEL:
+            # A large weight: the input's gradient first, so that w' is gone before
+            # dJ/dw' and dJ/dw are made (one weight-sized temporary alive, not two).
+            gx = _op_backward(spec, grad, x, None, w_op, [True, False, False])[0]
+            w_op = w_op if spec.linear else weight  # only its shape is read now
+            mask[0] = False
+        else:
+            gx = None
+        if spec.linear or x is None:
+            gx2, gw_f, gb_f = _op_backward(spec, grad, x, getattr(ctx, "x_shape", None), w_op, mask)
+        else:
+            gx2, gw_f, gb_f = _conv_backward(
+                grad, x, w_op, zeros.sizes if bias_side else None, *spec.args, mask
+            )
+        if gx is None:
+            gx = gx2
+        # w' is dead now, dJ/dw' once dJ/dw is made: at most two weight-sized at a time.
+        del w_op, gx2
+        gw = gb = g_gamma = g_beta = None
+        if weight_side:
+            if gw_f.dtype is not dtype:
+                gw_f = gw_f.to(dtype)
             gw, g_gamma, _ = _bn_backward(
-                _weight_rows(cast(gw_f, dtype), spec),
+                gw_f.unsqueeze(0) if spec.plain_rows else weight_rows(gw_f, True, spec.groups),
                 rows,
                 gamma,
                 zeros.channels,
                 var,
-                saved_mean,
-                saved_invstd,
+                empty,
+                empty,
                 False,
                 eps,
                 [need_w, need_gamma, False],
             )
-            gw = cast(_weight_of_rows(gw, spec), weight.dtype) if need_w else None
-        if gb_f is not None:
-            gb_f = cast(gb_f, dtype)
-        if need_b or need_gamma:
-            b_in = zeros.row if bias is None else cast(bias, dtype).view(1, -1)
-            gb, g_gamma_b, _ = _bn_backward(
-                gb_f.view(1, -1),
-                b_in,
-                gamma,
-                mean,
-                var,
-                saved_mean,
-                saved_invstd,
-                False,
-                eps,
-                [need_b, need_gamma, False],
-            )
-            gb = cast(gb.view(-1), bias.dtype) if need_b else None
-            if need_gamma:
-                g_gamma = cast(g_gamma + g_gamma_b, gamma.dtype)
-        g_beta = None
-        if need_beta:
-            g_beta = gb_f
+            del gw_f
+            if need_w:
+                gw = _of_rows(gw, spec)
+                if gw.dtype is not weight.dtype:
+                    gw = gw.to(weight.dtype)
+        if bias_side:
+            if gb_f.dtype is not dtype:
+                gb_f = gb_f.to(dtype)
+            if need_b or need_gamma:
+                gb, g_gamma_b, _ = _bn_backward(
+                    gb_f.view(1, -1),
+                    zeros.row if bias is None else cast(bias, dtype).view(1, -1),
+                    gamma,
+                    mean,
+                    var,
+                    empty,
+                    empty,
+                    False,
+                    eps,
+                    [need_b, need_gamma, False],
+                )
+                if need_b:
+                    gb = cast(gb[0], bias.dtype)
+                if need_gamma:
+                    g_gamma = cast(g_gamma + g_gamma_b, gamma.dtype)
+            if need_beta:
+                g_beta = gb_f
         return gx, gw, gb, g_gamma, g_beta, None
 
 
@@ -294,8 +376,7 @@ def tune_apply(
         # gamma and beta join the autograd graph through their casts.
         gamma = None if gamma is None else cast(gamma, dtype)
         beta = None if beta is None else cast(beta, dtype)
-    zeros = constants.get(running_var, dtype)
-    info = (running_mean, running_var, eps, spec, zeros, dtype)
+    info = (running_mean, running_var, eps, spec, constants.get(running_var, dtype))
     if torch.is_grad_enabled() and (
         x.requires_grad
         or weight.requires_grad
