@@ -146,11 +146,19 @@ def norm_tail(module: nn.Module, rank: int) -> tuple[tuple[str, ...], str | None
         float(probe.eps),
         False,
     )
-    if (
-        not isinstance(normalised, Tensor)
-        or normalised.shape != reference.shape
-        or not torch.allclose(normalised, reference, rtol=tolerance, atol=tolerance)
-    ):
+    def normalises(t) -> bool:
+        return (
+            isinstance(t, Tensor)
+            and t.shape == reference.shape
+            and bool(torch.allclose(t, reference, rtol=tolerance, atol=tolerance))
+        )
+
+    if not normalises(normalised):
+        head = trace.ops[: trace.ops_before_children]
+        for i, op in enumerate(head):
+            if normalises(op.out):
+                after = ", ".join(o.name for o in head[i + 1 :])
+                return (), f"{name}.forward applies {after} after normalising (not a child module)"
         return (), f"{name}.forward does not normalise its input as BatchNorm does in eval mode"
     return names, None
 

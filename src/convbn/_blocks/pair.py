@@ -3,8 +3,8 @@ module whose forward calls both (the *caller*), and the forwards of the tuned cl
 
 Per call of a caller (its forward pre-hook arms it, its forward hook disarms it): a
 converted producer called while its caller runs, with nothing that could observe the
-difference (Tune mode on, BN in eval mode and still in place, no forward hooks on the
-producer or the BN, an input of the expected rank), computes the BN's output in Tune
+difference (Tune mode on, BN in eval mode and still in place, no forward or backward
+hooks on the producer or the BN, an input of the expected rank), computes the BN's output in Tune
 mode and leaves it *pending*; the BN, handed exactly that tensor (or, for a linear map
 reshaped before its BatchNorm1d, a view of it that keeps the channel), returns it
 untouched, then runs what its own forward applies after normalising (a norm-and-
@@ -97,8 +97,15 @@ class Link:
             and not producer._forward_hooks
             and not bn._forward_hooks
             and not bn._forward_pre_hooks
+            # A backward hook wraps the module's outputs (and inputs) in new tensors.
+            and not producer._backward_hooks
+            and not producer._backward_pre_hooks
+            and not bn._backward_hooks
+            and not bn._backward_pre_hooks
             and not _module_globals._global_forward_hooks
             and not _module_globals._global_forward_pre_hooks
+            and not _module_globals._global_backward_hooks
+            and not _module_globals._global_backward_pre_hooks
         )
 
 
@@ -152,7 +159,11 @@ def _is_channel_view(view, base: torch.Tensor) -> bool:
     """Whether BatchNorm's dim-1 channel of ``view`` is the last dimension of ``base``,
     the contiguous output of a linear map, for every element (a flatten or reshape of
     the leading dimensions, a transpose that brings the channel to dimension 1)."""
-    if not isinstance(view, torch.Tensor) or view._base is not base or view.dim() < 2:
+    if not isinstance(view, torch.Tensor) or view.dim() < 2:
+        return False
+    # Views of a view share its root (a linear map on 3-D input returns a view itself).
+    root = base if base._base is None else base._base
+    if view._base is not root:
         return False
     channels = base.shape[-1]
     if view.shape[1] != channels or view.stride(1) != 1 or not base.is_contiguous():
@@ -233,20 +244,18 @@ class NormMixin(_TunedMixin):
     def forward(self, input, *args, **kwargs):
         plan = self.__dict__.get(PLAN)
         if plan is not None:
-            mine = False
+            waiting = False
             for link in plan.links:
                 pending = link.state.pending
                 if pending:
                     out = pending.get(link)
-                    if out is None:
-                        if any(input is value for value in pending.values()):
-                            _misrouted(self)
-                        continue
-                    mine = True
-                    if input is out or (link.reshaped and _is_channel_view(input, out)):
-                        del pending[link]
-                        return _tail(self, plan.tail, input)
-            if mine:
+                    if out is not None:
+                        if input is out or (link.reshaped and _is_channel_view(input, out)):
+                            del pending[link]
+                            return _tail(self, plan.tail, input)
+                        waiting = True
+            if waiting or _pending_elsewhere(plan, input):
+                # A Tune-mode output went somewhere else, or something else came here.
                 for link in plan.links:
                     link.state.pending.pop(link, None)
                 _misrouted(self)
@@ -257,6 +266,15 @@ class NormMixin(_TunedMixin):
         if plan is not None and any(link.freeze for link in plan.links):
             mode = False
         return super().train(mode)
+
+
+def _pending_elsewhere(plan: NormPlan, input) -> bool:
+    """Whether ``input`` is the pending Tune-mode output of another BN's pair."""
+    for link in plan.links:
+        pending = link.state.pending
+        if pending and any(input is out for out in pending.values()):
+            return True
+    return False
 
 
 def norm_plan(bn: nn.Module) -> NormPlan:

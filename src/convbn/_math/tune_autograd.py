@@ -272,6 +272,10 @@ class _Tune(torch.autograd.Function):
         if weight_side:
             if gw_f.dtype is not dtype:
                 gw_f = gw_f.to(dtype)
+            if gw_f.stride() != weight.stride():
+                # BatchNorm's CPU backward is wrong when its gradient and its input have
+                # different memory formats (torch 2.14): give it one layout.
+                gw_f, rows = gw_f.contiguous(), _rows(weight.contiguous(), spec, dtype)
             gw, g_gamma, _ = _bn_backward(
                 gw_f.unsqueeze(0) if spec.plain_rows else weight_rows(gw_f, True, spec.groups),
                 rows,

@@ -70,6 +70,10 @@ class Analysis:
 
 # Reshapes between a linear map and its BatchNorm1d that keep the output feature last.
 _RESHAPES = frozenset({"flatten", "reshape", "view", "view_as", "reshape_as", "unsqueeze"})
+# Functions whose arguments after the first are read for their shape or type only.
+_SHAPE_OF_OTHERS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
+# Methods and attributes that read a tensor's metadata only.
+_METADATA_USES = frozenset({"size", "dim", "shape", "dtype", "device", "numel", "ndim"})
 
 
 # --------------------------------------------------------------------------- checks
@@ -267,12 +271,32 @@ def _is_reshape(node: fx.Node) -> bool:
     return False
 
 
+def _data_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (not only its shape, dtype or device)."""
+    users = []
+    for user in node.users:
+        if user.op == "call_method" and (
+            user.target in _METADATA_USES
+            or (user.target in _SHAPE_OF_OTHERS and user.args and user.args[0] is not node)
+        ):
+            continue
+        if (
+            user.op == "call_function"
+            and getattr(user.target, "__name__", "") == "getattr"
+            and len(user.args) > 1
+            and user.args[1] in _METADATA_USES
+        ):
+            continue
+        users.append(user)
+    return users
+
+
 def _bn_of(node: fx.Node, module: nn.Module) -> tuple[fx.Node | None, bool]:
     """The BN call that alone reads ``node`` (a producer call), directly or through
     reshapes that each have one reader; and whether reshapes were passed."""
     reshaped = False
-    while len(node.users) == 1:
-        (user,) = node.users
+    while len(_data_users(node)) == 1:
+        (user,) = _data_users(node)
         if user.op == "call_module" and is_norm(module.get_submodule(user.target)):
             return (user if _input_node(user) is node else None), reshaped
         if not _is_reshape(user) or user.args[0] is not node:
@@ -308,7 +332,7 @@ def _trace_sites(module: nn.Module, prefix: str, sites: _Sites) -> None:
             if origin.op == "call_module" and is_producer(module.get_submodule(origin.target)):
                 if _bn_of(origin, module)[0] is not node:
                     pname = _join(prefix, origin.target)
-                    others = max(len(origin.users) - 1, 1)
+                    others = max(len(_data_users(origin)) - 1, 1)
                     sites.bn_alone(name, f"output of {pname} also goes to {others} other place(s)")
                 else:
                     sites.called.add(name)
@@ -429,6 +453,8 @@ class _Recorder(TorchFunctionMode):
                 source.readers.append(("reshape", alias))
                 self.outputs[id(result)] = alias
                 self.keep.append(result)
+            elif name in _SHAPE_OF_OTHERS:
+                self._read(args[:1], ("other", name))
             else:
                 self._read((args, kwargs), ("other", name))
         return result
@@ -499,10 +525,23 @@ class _Recorder(TorchFunctionMode):
             call.reshaped = reshaped
             self.sites.called.add(bn)
             return
-        others = sorted({r[1] for r in readers if r[0] == "other"})
-        for _, bn, _ in bns:
-            why = f"output of {call.producer} is also read by {', '.join(others) or 'another BN'}"
-            self.sites.bn_alone(bn, why)
+        # Not one chain to one BN: every BN that read it (or a reshape of it) is told why.
+        everyone = []
+        pending = [output]
+        while pending:
+            current = pending.pop()
+            for reader in current.readers:
+                if reader[0] == "reshape":
+                    pending.append(reader[1])
+                else:
+                    everyone.append(reader)
+        others = sorted({r[1] for r in everyone if r[0] == "other"})
+        for r in everyone:
+            if r[0] == "bn":
+                why = (
+                    f"output of {call.producer} is also read by {', '.join(others) or 'another BN'}"
+                )
+                self.sites.bn_alone(r[1], why)
 
 
 def _record(model: nn.Module, inputs: tuple) -> _Sites:
