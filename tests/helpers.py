@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from convbn._tools.measure import SavedBytes, rel_err  # noqa: F401 (one error metric)
+from convbn._tools.modules import formula_norms as explicit_norms  # noqa: F401
 
 
 def randomize_norms(model: nn.Module, seed: int = 0, extreme: bool = False) -> nn.Module:
@@ -61,25 +62,3 @@ def saved_during(run, exclude: list[torch.Tensor]) -> int:
 
 def double_copy(*modules: nn.Module) -> list[nn.Module]:
     return [copy.deepcopy(m).double() for m in modules]
-
-
-def _explicit_batch_norm(self, x):
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - self.running_mean.view(shape)) / (self.running_var.view(shape) + self.eps).sqrt()
-    if self.weight is not None:
-        y = y * self.weight.view(shape) + self.bias.view(shape)
-    return y
-
-
-def explicit_norms(model: nn.Module) -> nn.Module:
-    """``model`` with every stock eval-mode BatchNorm computing its formula with elementwise
-    operators: a reference for gradients that does not go through BatchNorm's kernels
-    (torch 2.14's CPU backward of BatchNorm in eval mode is wrong when its gradient is
-    channels-last and its input is not)."""
-    import types
-
-    stock = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm) and not m.training and type(m).forward in stock:
-            m.forward = types.MethodType(_explicit_batch_norm, m)
-    return model

@@ -231,7 +231,7 @@ def test_summary_and_table():
         "checked through: 8; fed directly by a producer: 6; of those converted: 5 (83.3%)" in text
     )
     assert "BNs converted in all: 6 (2 not fed directly by the census)" in text
-    assert "(max error below 1e-09): 1 of 2 models" in text
+    assert "Exact in float64: 1 of 2 models" in text
     assert "Tune keeps Deploy's in 1 of 2 models, at most Eval's in 2" in text
     assert "Skipped BNs: 2; reasons: input comes from call_method mean" in text
 
