@@ -243,7 +243,7 @@ def test_summary_and_table():
     assert bug[2] == "2" and bug[8] == "-" and bug[-1] == "convbn: E: x"
     net_b = _cells(next(r for r in rows if _cells(r)[0] == "net_b"))
     assert net_b[1:9] == ["1.0", "4", "3", "3", "3", "3", "1", "1.0e-06"]
-    assert net_b[9] == "3.0 / 2.0 / 0.0"
+    assert net_b[10] == "3.0 / 2.0 / 0.0"
 
 
 def _sweep(tmp_path, *options):
