@@ -32,7 +32,7 @@ def test_matches_torch_fuse_conv_bn_weights():
 
 @pytest.mark.parametrize("groups", [1, 2, 3])
 def test_grouped_transposed_fold_equals_bn_of_output(groups):
-    # torch.nn.utils.fusion crashes on this case (ANCHORS.md, folding utilities).
+    # torch.nn.utils.fusion's folding utilities crash on this case.
     cin, cout = 3 * groups, 2 * groups
     w = torch.randn(cin, cout // groups, 3, 3, dtype=torch.float64)
     b = torch.randn(cout, dtype=torch.float64)

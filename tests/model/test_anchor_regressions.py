@@ -1,6 +1,6 @@
-"""Regressions for docs/anchor-map.md: each case where an existing tool breaks
-(shared/reference/ANCHORS.md), each misuse and each persistence path that no other
-test covers. Small models, each test well under 2 s on CPU."""
+"""Regressions for docs/anchor-map.md: each case where an existing tool breaks, each
+misuse and each persistence path that no other test covers. Small models, each test well
+under 2 s on CPU."""
 
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ def _tune_equals_eval_float64(model: nn.Module, x: torch.Tensor, tol: float = 1e
     return convbn.report(model)
 
 
-# ANCHORS.md 1 (what the reference code does, and its ConvTranspose crash / None) and
-# 3 (the producer kinds Inductor matches, and the padding="same" overload it misses).
+# The producer kinds other Tune-mode implementations handle (and the ConvTranspose case
+# where they crash or return None), and those Inductor's conv-BN pass matches (and the
+# padding="same" overload it misses).
 PAIRS = {
     "conv1d": (lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)), (2, 3, 7)),
     "conv3d": (lambda: nn.Sequential(nn.Conv3d(3, 4, 2), nn.BatchNorm3d(4)), (1, 3, 3, 4, 4)),
