@@ -1,4 +1,4 @@
-# make demo | make test | make test-slow | make soak
+# make demo | make test | make test-slow | make soak | make bench-gpu
 # Each target creates .venv when it is missing and installs the project into it.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # pyproject.toml itself only asks for torch>=2.3. Override: make test TORCH_PIN=
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow soak lint install clean
+.PHONY: demo test test-slow soak bench-gpu lint install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,18 @@ test-slow: install
 
 soak: install
 	CONVBN_FUZZ_CASES=5000 $(PY) -m pytest -q tests/model/test_fuzz_models.py
+
+# The GPU figures of BENCHMARKS.md, in one go (needs a CUDA device and a CUDA build of torch).
+GPU_OUT ?= bench-gpu
+bench-gpu: install
+	$(PY) -m convbn bench --device cuda --host-cost --markdown --out $(GPU_OUT)/host-cost
+	for b in 1 32 128; do $(PY) -m convbn bench --device cuda --models resnet50 --batch $$b \
+		--modes eval,tune,deploy,tune-paper,frozenbn --rounds 10 --steps 5 --markdown \
+		--out $(GPU_OUT)/resnet50-b$$b || exit 1; done
+	$(PY) -m convbn bench --device cuda --models retinanet_resnet50_fpn --size 800 --batch 2 \
+		--modes eval,tune,deploy --rounds 10 --steps 5 --markdown --out $(GPU_OUT)/retinanet
+	$(PY) -m convbn bench --device cuda --models resnet50 --batch 64 --modes eval,tune,deploy \
+		--rounds 3 --markdown --out $(GPU_OUT)/resnet50-b64
 
 clean:
 	rm -rf $(VENV) bench-results build src/*.egg-info

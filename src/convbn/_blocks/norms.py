@@ -146,6 +146,7 @@ def norm_tail(module: nn.Module, rank: int) -> tuple[tuple[str, ...], str | None
         float(probe.eps),
         False,
     )
+
     def normalises(t) -> bool:
         return (
             isinstance(t, Tensor)

@@ -81,6 +81,8 @@ FLOOR_TIMES = 10
 def exact(record: dict) -> bool:
     floor = float(record.get("err_floor", 0.0))
     return float(record["exact_err"]) < max(EXACT, FLOOR_TIMES * floor)
+
+
 SWEEP = "timm"  # the kind of sweep check.json holds
 
 PRODUCERS = (
