@@ -120,6 +120,7 @@ class _Zeros(NamedTuple):
     empty: Tensor  # (0,): BatchNorm backward's unused saved statistics
     dtype: torch.dtype
     sizes: list  # [C]: convolution_backward's bias_sizes
+    ones: Tensor  # (1, C): BatchNorm's eval kernel turns it into the scale a
 
 
 class Constants:
@@ -147,7 +148,10 @@ class Constants:
         zeros = self._sets.get(key)
         if zeros is None:
             channels = torch.zeros(self.channels, dtype=dtype, device=var.device)
-            zeros = _Zeros(channels, channels.view(1, -1), channels[:0], dtype, [self.channels])
+            ones = torch.ones((1, self.channels), dtype=dtype, device=var.device)
+            zeros = _Zeros(
+                channels, channels.view(1, -1), channels[:0], dtype, [self.channels], ones
+            )
             if is_compiling():
                 return zeros  # a side effect torch.compile would have to replay
             self._sets[key] = zeros
@@ -276,6 +280,12 @@ class _Tune(torch.autograd.Function):
                 # BatchNorm's CPU backward is wrong when its gradient and its input have
                 # different memory formats (torch 2.14): give it one layout.
                 gw_f, rows = gw_f.contiguous(), _rows(weight.contiguous(), spec, dtype)
+            in_place = (
+                need_w
+                and gw_f.numel() >= _SPLIT_NUMEL
+                and (spec.plain_rows or spec.groups == 1)
+                and not torch.is_grad_enabled()
+            )
             gw, g_gamma, _ = _bn_backward(
                 gw_f.unsqueeze(0) if spec.plain_rows else weight_rows(gw_f, True, spec.groups),
                 rows,
@@ -286,11 +296,18 @@ class _Tune(torch.autograd.Function):
                 empty,
                 False,
                 eps,
-                [need_w, need_gamma, False],
+                [need_w and not in_place, need_gamma, False],
             )
+            if in_place:
+                # A large weight: dJ/dw = a * dJ/dw' in dJ/dw''s own memory, so that no
+                # second weight-sized tensor is made (two operators more: a, and the product).
+                a = _bn(zeros.ones, gamma, None, zeros.channels, var, 0.0, eps)[0]
+                shape = (-1,) + (1,) * (gw_f.dim() - 1) if spec.plain_rows else (1, -1)
+                gw = gw_f.mul_(a.view(shape + (1,) * (gw_f.dim() - len(shape))))
             del gw_f
             if need_w:
-                gw = _of_rows(gw, spec)
+                if not in_place:
+                    gw = _of_rows(gw, spec)
                 if gw.dtype is not weight.dtype:
                     gw = gw.to(weight.dtype)
         if bias_side:
