@@ -75,18 +75,8 @@ def _tune_pair(
     w_f = weight_of_rows(w_f, transposed, groups)
     b_rows = _bias_rows(bias, var, dtype)
     b_f = _bn(b_rows, gamma_f, beta_f, cast(mean, dtype), cast(var, dtype), 0.0, eps)[0].view(-1)
-    return _run(
-        x,
-        w_f.to(x.dtype),
-        b_f.to(x.dtype),
-        linear,
-        stride,
-        padding,
-        dilation,
-        transposed,
-        output_padding,
-        groups,
-    )
+    geometry = (stride, padding, dilation, transposed, output_padding, groups)
+    return _run(x, w_f.to(x.dtype), b_f.to(x.dtype), linear, *geometry)
 
 
 def _setup_context(ctx, inputs, output):
@@ -122,19 +112,9 @@ def _backward(ctx, grad):
         if x is None:
             x = grad.new_empty(1).expand(ctx.x_shape)
         out_channels = w_op.shape[1] * groups if transposed else w_op.shape[0]
-        gx, gw_f, gb_f = _conv_backward(
-            grad,
-            x,
-            w_op,
-            [out_channels],
-            stride,
-            padding,
-            dilation,
-            transposed,
-            output_padding,
-            groups,
-            [need_x, need_w or need_gamma, True],
-        )
+        conv_args = (stride, padding, dilation, transposed, output_padding, groups)
+        mask = [need_x, need_w or need_gamma, True]
+        gx, gw_f, gb_f = _conv_backward(grad, x, w_op, [out_channels], *conv_args, mask)
     gb_f = gb_f.to(dtype)
     gw = gb = g_gamma = None
     if need_w or need_gamma:

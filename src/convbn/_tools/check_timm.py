@@ -85,15 +85,8 @@ def exact(record: dict) -> bool:
 
 SWEEP = "timm"  # the kind of sweep check.json holds
 
-PRODUCERS = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.Linear,
-)
+# Every Conv1d/2d/3d and ConvTranspose1d/2d/3d (and subclasses), and Linear.
+PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
 _RESHAPES = frozenset(
     {torch.flatten, Tensor.flatten, torch.reshape, Tensor.reshape, Tensor.view}
 )  # fmt: skip
