@@ -132,18 +132,18 @@ class Constants:
     buffers new tensors).
     """
 
-    __slots__ = ("channels", "_sets", "_last_var", "_last")
+    __slots__ = ("channels", "_sets", "_last")
 
     def __init__(self, channels: int):
         self.channels = channels
         self._sets: dict = {}
-        self._last_var = None
-        self._last: _Zeros | None = None
+        # (running variance, its zeros), replaced in one assignment: threads share it.
+        self._last: tuple[Tensor, _Zeros] | None = None
 
     def get(self, var: Tensor, dtype: torch.dtype) -> _Zeros:
         last = self._last
-        if var is self._last_var and last.dtype is dtype:
-            return last
+        if last is not None and last[0] is var and last[1].dtype is dtype:
+            return last[1]
         key = (var.device, dtype)
         zeros = self._sets.get(key)
         if zeros is None:
@@ -155,7 +155,7 @@ class Constants:
             if is_compiling():
                 return zeros  # a side effect torch.compile would have to replay
             self._sets[key] = zeros
-        self._last_var, self._last = var, zeros
+        self._last = (var, zeros)
         return zeros
 
     def __getstate__(self):
@@ -164,7 +164,7 @@ class Constants:
     def __setstate__(self, state):
         self.channels = state["channels"]
         self._sets = {}
-        self._last_var = self._last = None
+        self._last = None
 
 
 def apply_op(spec: OpSpec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
