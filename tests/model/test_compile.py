@@ -12,6 +12,7 @@ import torchvision
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import convbn
+from convbn._tools.measure import count_saved
 from helpers import randomize_norms, rel_err
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -63,3 +64,54 @@ def test_inductor(resnet):
     reference = _out_grads(copy.deepcopy(resnet))
     compiled = torch.compile(convbn.tune(resnet))
     _check(_out_grads(compiled), reference)
+
+
+def _kept(model, module):
+    counter = count_saved(model)
+    with counter.count():
+        out = module(X)
+    del out
+    return counter.total
+
+
+def _frozen(model):
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    return model
+
+
+def test_compiled_tune_keeps_what_compiled_deploy_keeps(resnet):
+    # Each pair is one custom operator whose backward recomputes w': the compiler's
+    # partitioner cannot choose to keep the folded weights (it did, traced through).
+    # aot_eager_decomp_partition partitions as Inductor does (min-cut), without Inductor's
+    # slow code generation.
+    model = convbn.tune(_frozen(resnet))
+    fused = convbn.fuse(copy.deepcopy(model))
+    kept = {}
+    for name, m in (("tune", model), ("deploy", fused)):
+        torch._dynamo.reset()
+        compiled = torch.compile(m, backend="aot_eager_decomp_partition")
+        compiled(X).sum().backward()
+        kept[name] = _kept(m, compiled)
+    assert kept["tune"] == kept["deploy"]
+    ops = []
+
+    def record(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=record)(X)
+    assert sum("convbn.tune_pair" in op for op in ops) == 20
+
+
+@pytest.mark.slow
+def test_inductor_keeps_at_most_eager_tunes_bytes(resnet):
+    model = convbn.tune(_frozen(resnet))
+    eager = _kept(model, model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    compiled(X).sum().backward()
+    assert _kept(model, compiled) <= eager
