@@ -29,7 +29,7 @@ from convbn._tools.bench_report import (
     results_table,
     step_ratio,
 )
-from convbn._tools.measure import rel_err
+from convbn._tools.measure import SavedBytes, rel_err
 
 # A user's model module, written to a folder on the workers' PYTHONPATH: `tiny` has a
 # Conv2d->BN2d pair, a Conv2d->BN2d pair with stride, and a Linear->BN1d pair;
@@ -535,3 +535,19 @@ def test_matmul_gflops_measures_the_product():
 
     # 2 * 64^3 flops at any plausible speed: a positive, finite rate below a PFLOP/s.
     assert 0 < matmul_gflops("cpu", size=64, repeats=2) < 1e6
+
+
+def test_saved_bytes_count_what_autograd_still_keeps():
+    x = torch.randn(1000, dtype=torch.float32, requires_grad=True)
+    counter = SavedBytes()
+    with counter.count():
+        unused = (x * 2).exp()  # exp saves its result: 4,000 bytes, dropped with its graph
+        alias = unused.detach()  # the memory stays allocated, so no later tensor reuses it
+        del unused
+        kept = (x + 1).sin()  # sin saves its input: 4,000 bytes, kept
+    assert counter.total == 4000
+    # Counted storages are distinct tensors alive together: nothing is merged.
+    assert list(counter.storages.values()) == [4000]
+    kept.sum().backward()
+    assert torch.allclose(x.grad, (x + 1).cos())
+    del alias

@@ -8,6 +8,7 @@ import math
 import resource
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -26,36 +27,71 @@ __all__ = [
 ]
 
 
-class SavedBytes:
-    """Bytes of the tensors autograd saves for backward inside :meth:`count`.
+class _Held:
+    """What the pack hook gives autograd to keep: alive exactly as long as the saved
+    tensor is kept for backward. It holds the tensor detached: a node that saves its own
+    output would otherwise keep itself alive through it, after its graph is dropped
+    (backward reads the values; a graph of the backward, for double backward, is not
+    made from tensors counted here)."""
 
-    Deduplicated by storage; tensors that share storage with ``exclude`` (the
-    model's parameters and buffers) are left out, as are storages already alive
-    before counting started only if they belong to ``exclude``.
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor.detach()
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd keeps for backward, saved inside :meth:`count` and
+    still kept when it ends.
+
+    Deduplicated by storage; tensors that share storage with ``exclude`` (the model's
+    parameters and buffers) are left out. A tensor saved by a node that autograd has
+    already dropped (a branch whose output nobody used) is not kept, and is not counted:
+    its memory may already hold a later tensor, which the count would otherwise merge
+    with it.
     """
 
     def __init__(self, exclude: list[torch.Tensor] | None = None):
         self._exclude = {t.untyped_storage().data_ptr() for t in (exclude or []) if t.numel() > 0}
+        self._held: list[weakref.ref] = []
         self.storages: dict[int, int] = {}
 
     @property
     def total(self) -> int:
         return sum(self.storages.values())
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            storage = t.untyped_storage()
-        except (NotImplementedError, RuntimeError):  # tensor subclasses without storage
-            return t
-        ptr = storage.data_ptr()
-        if ptr not in self._exclude and ptr != 0:
-            self.storages[ptr] = storage.nbytes()
-        return t
+    def _pack(self, t: torch.Tensor) -> object:
+        held = _Held(t)
+        self._held.append(weakref.ref(held))
+        return held
+
+    def _snapshot(self) -> None:
+        for ref in self._held:
+            held = ref()
+            if held is None:
+                continue
+            try:
+                storage = held.tensor.untyped_storage()
+            except (NotImplementedError, RuntimeError):  # tensor subclasses without storage
+                continue
+            ptr = storage.data_ptr()
+            if ptr not in self._exclude and ptr != 0:
+                self.storages[ptr] = storage.nbytes()
+        self._held.clear()
 
     @contextlib.contextmanager
     def count(self) -> Iterator[SavedBytes]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
-            yield self
+        """Count what the code inside saves and what autograd still keeps of it at the
+        end (keep the outputs alive until then)."""
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack):
+            try:
+                yield self
+            finally:
+                self._snapshot()
+
+
+def _unpack(held: _Held) -> torch.Tensor:
+    return held.tensor
 
 
 def count_saved(model: nn.Module) -> SavedBytes:
