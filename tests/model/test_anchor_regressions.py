@@ -314,7 +314,7 @@ def test_norm_eval_models_keep_tune_mode_through_train():
     )
 
 
-# Misuse (issue 6).
+# Misuse.
 
 
 @pytest.mark.parametrize(
