@@ -4,6 +4,7 @@ the sweep's files, its summary and resuming it."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -185,9 +186,19 @@ def test_failures_are_recorded_with_their_stage():
     assert record["failure"] == "out of time" and "out of time" in record["error"]
 
 
-def test_a_worker_out_of_memory_is_a_record():
-    record = run_model("resnet10t", memory_gib=0.3, threads=1)
-    assert record["model"] == "resnet10t" and record["failure"] == "out of memory"
+@pytest.mark.parametrize("fork", [False, True] if hasattr(os, "fork") else [False])
+def test_a_worker_out_of_memory_is_a_record(fork):
+    record = run_model("resnet10t", memory_gib=0.3, threads=1, fork=fork)
+    assert record["model"] == "resnet10t" and record["failure"] == "out of memory", record.get(
+        "error"
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_worker_checks_a_model():
+    record = run_model("resnet10t", threads=1, fork=True)
+    assert "error" not in record and record["fed_converted"] == record["fed"] == 14
+    assert record["saved_tune"] == record["saved_deploy"] and record["peak_rss_bytes"] > 0
 
 
 # --------------------------------------------------------------------------- the sweep

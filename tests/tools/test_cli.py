@@ -22,7 +22,7 @@ from convbn._tools.experiments import build_parser as experiment_parser
 from convbn._tools.measure import current_rss_bytes, peak_rss_bytes, rel_err
 from convbn._tools.modules import replace_modules
 from convbn._tools.output import Progress, format_table, json_safe, machine_info, machine_line
-from convbn._tools.process import Worker, WorkerFailed, run_isolated
+from convbn._tools.process import Worker, WorkerFailed, call_forked, run_isolated
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "src" / "convbn" / "_tools"
@@ -225,6 +225,19 @@ def test_run_isolated_reports_the_peak_memory_of_its_process():
     assert out["torch_threads"] == 2 and out["peak_rss_bytes"] > 0
     here = run_isolated("convbn._tools.output:machine_info", {}, isolate=False)
     assert here["peak_rss_bytes"] == peak_rss_bytes()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_call_runs_in_its_own_process_and_fails_like_a_worker():
+    pid, peak = call_forked("os:getpid", {})
+    assert pid != os.getpid() and peak > 0
+    assert call_forked("json:dumps", {"obj": [1, 2]})[0] == "[1, 2]"
+    with pytest.raises(WorkerFailed, match="ModuleNotFoundError"):
+        call_forked("no_such_module_xyz:f", {})
+    with pytest.raises(WorkerFailed, match="crashed \\(exit status -6\\)"):
+        call_forked("os:abort", {})
+    with pytest.raises(WorkerFailed, match="did not answer within 1 s"):
+        call_forked("subprocess:run", {"args": ["sleep", "5"]}, timeout=1)
 
 
 # --------------------------------------------------------------------------- modules

@@ -56,7 +56,7 @@ from convbn._tools.output import (
     mib,
     write_json,
 )
-from convbn._tools.process import Worker, WorkerFailed
+from convbn._tools.process import Worker, WorkerFailed, call_forked
 
 __all__ = [
     "PRODUCERS",
@@ -254,7 +254,13 @@ def _out_of_memory(error: BaseException) -> bool:
         isinstance(error, MemoryError)
         or "can't allocate memory" in text
         or ("not enough memory" in text)
+        # oneDNN's words when it cannot allocate, in a worker whose memory is limited.
+        or ("could not create a primitive" in text and _memory_limited())
     )
+
+
+def _memory_limited() -> bool:
+    return resource.getrlimit(resource.RLIMIT_DATA)[0] != resource.RLIM_INFINITY
 
 
 def _build_and_run(name: str, size: int, record: dict) -> tuple[nn.Module, nn.Module, tuple]:
@@ -420,10 +426,18 @@ def check_timm_model(name: str, size: int = SIZE, timeout: float | None = None) 
 # --------------------------------------------------------------------------- isolation
 
 
-def worker_check(name: str, size: int, timeout: float | None, memory_gib: float | None) -> dict:
+def worker_check(
+    name: str,
+    size: int,
+    timeout: float | None,
+    memory_gib: float | None,
+    threads: int | None = None,
+) -> dict:
     """:func:`check_timm_model` as run in a fresh worker process: nothing downloaded, and
     the process's data (heap and anonymous mappings) limited to ``memory_gib``."""
     os.environ["HF_HUB_OFFLINE"] = "1"
+    if threads:
+        torch.set_num_threads(threads)
     import timm  # noqa: F401  (imported before the model's clock starts)
 
     if memory_gib:
@@ -443,23 +457,29 @@ def run_model(
     memory_gib: float | None = None,
     isolate: bool = True,
     threads: int | None = None,
+    fork: bool = False,
 ) -> dict:
     """One model's record: in a fresh worker process (its peak memory recorded; a crash
     or a worker that does not answer within ``timeout`` plus a minute is a failed record),
-    or, without ``isolate``, here (no memory limit)."""
+    or, without ``isolate``, here (no memory limit). ``fork``: the worker is a child forked
+    from this process (see :func:`convbn._tools.process.call_forked`), not a new
+    interpreter."""
     if not isolate:
         return check_timm_model(name, size, timeout)
+    kwargs = {"name": name, "size": size, "timeout": timeout, "memory_gib": memory_gib}
     try:
-        with Worker(threads=threads, timeout=timeout + 60 if timeout else None) as worker:
-            out = worker.call(
+        if fork:
+            out, peak = call_forked(
                 "convbn._tools.check_timm:worker_check",
-                name=name,
-                size=size,
-                timeout=timeout,
-                memory_gib=memory_gib,
+                kwargs | {"threads": threads},
+                timeout=timeout + 60 if timeout else None,
             )
             rec = out["record"]
-            rec["peak_rss_bytes"] = worker.call("convbn._tools.measure:peak_rss_bytes")
+            rec["peak_rss_bytes"] = peak
+        else:
+            with Worker(threads=threads, timeout=timeout + 60 if timeout else None) as worker:
+                rec = worker.call("convbn._tools.check_timm:worker_check", **kwargs)["record"]
+                rec["peak_rss_bytes"] = worker.call("convbn._tools.measure:peak_rss_bytes")
     except WorkerFailed as e:
         text = str(e)
         failure = "out of time" if "did not answer" in text else "crash"
@@ -669,6 +689,8 @@ def sweep(
                 memory_gib=memory_gib,
                 isolate=isolate,
                 threads=torch.get_num_threads(),
+                # The sweep has built models on the meta device only: no thread pool yet.
+                fork=hasattr(os, "fork"),
             )
         records.append(rec)
         # Written after every model: an interrupted sweep keeps what it has checked.

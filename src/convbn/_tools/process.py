@@ -20,16 +20,19 @@ import importlib
 import json
 import os
 import queue
+import select
+import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
 from convbn._tools.output import describe_error
 
-__all__ = ["WorkerFailed", "Worker", "run_isolated", "call_target"]
+__all__ = ["WorkerFailed", "Worker", "run_isolated", "call_forked", "call_target"]
 
 # The folder that holds this very convbn package: the worker imports it, installed or not.
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -171,6 +174,64 @@ def run_isolated(
         result = worker.call(target, **kwargs)
         result["peak_rss_bytes"] = worker.call("convbn._tools.measure:peak_rss_bytes")
     return result
+
+
+def call_forked(
+    target: str, kwargs: dict[str, Any], *, timeout: float | None = None
+) -> tuple[Any, int]:
+    """``target(**kwargs)`` in a child forked from this process, and the child's peak
+    resident memory in bytes: a fresh process per call that starts with what this one has
+    imported (a sweep of hundreds of models saves the interpreter's start and torch's
+    import, about five seconds each). Only for a caller that has run no parallel kernel
+    yet (a forked child cannot use a thread pool its parent started): the timm sweep,
+    which has only built models on the meta device. Unix only.
+
+    :class:`WorkerFailed` when the function raised, the child died (a kill for memory
+    reads ``exit status -9``) or it did not answer within ``timeout`` seconds.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(read_end)
+        code = 0
+        try:
+            os.dup2(2, 1)  # what the function prints goes to stderr, as in a Worker
+            sys.stdout = sys.stderr
+            answer: dict[str, Any] = {"value": call_target(target, kwargs)}
+        except BaseException as error:  # noqa: BLE001 (everything is the parent's answer)
+            traceback.print_exc()
+            answer, code = {"error": describe_error(error)}, 1
+        try:
+            with os.fdopen(write_end, "w") as out:
+                out.write(json.dumps(answer))
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    chunks: list[bytes] = []
+    timed_out = False
+    with os.fdopen(read_end, "rb") as answers:
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([answers], [], [], wait)
+            if not ready:
+                timed_out = True
+                os.kill(pid, signal.SIGKILL)
+                break
+            chunk = os.read(answers.fileno(), 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    _, status, usage = os.wait4(pid, 0)
+    if timed_out:
+        raise WorkerFailed(f"worker did not answer within {timeout:.0f} s")
+    if not chunks:
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        raise WorkerFailed(f"worker crashed (exit status {code})")
+    answer = json.loads(b"".join(chunks))
+    if "error" in answer:
+        raise WorkerFailed(answer["error"])
+    return answer["value"], usage.ru_maxrss * 1024
 
 
 # --------------------------------------------------------------------------- the worker side
