@@ -14,7 +14,9 @@ import convbn
 import convbn.__main__ as cli
 from convbn._tools import check_timm
 from convbn._tools.check_timm import (
+    calibrate_norms,
     check_timm_model,
+    exact,
     fed_directly,
     is_bn_like,
     reason_kind,
@@ -102,6 +104,32 @@ def test_fed_directly_by_identity_through_linear_reshapes():
     # The hooks are gone afterwards, and no function mode is left behind.
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert torch.flatten(torch.ones(2, 2)).shape == (4,)
+
+
+def test_calibrated_statistics_are_those_of_each_norms_input():
+    from torch import nn
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5)
+    ).eval()
+    x = torch.randn(4, 3, 8, 8) * 5 + 2
+    calibrate_norms(model, (x,))
+    h = model[0](x)
+    assert torch.allclose(model[1].running_mean, h.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(model[1].running_var, h.var((0, 2, 3), unbiased=False), rtol=1e-4)
+    with torch.no_grad():
+        y = model(x)
+    # Each BN now normalises what it receives (its gamma 1, beta 0).
+    assert y.mean((0, 2, 3)).abs().max() < 1e-4
+    assert (y.var((0, 2, 3), unbiased=False) - 1).abs().max() < 1e-3
+
+
+def test_exact_with_calibrated_statistics_only_where_random_ones_fail():
+    record = {"exact_err": 11.8, "err_floor": 0.26}
+    assert not exact(record)
+    assert exact(record | {"calibrated_err": 2e-10, "calibrated_floor": 1e-10})
+    assert not exact(record | {"calibrated_err": 1e-3, "calibrated_floor": 1e-12})
+    assert exact({"exact_err": 3e-15, "err_floor": 2e-15})
 
 
 def test_bn_like_modules():
