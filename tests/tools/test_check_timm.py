@@ -201,6 +201,15 @@ def test_a_model_that_needs_its_image_size_is_built_for_64_pixels():
     assert record["fed_converted"] + len(record["fed_not_converted"]) == record["fed"]
 
 
+def test_a_model_that_runs_only_at_its_own_size_is_checked_there():
+    # EfficientFormer's attention is sized for 224^2, with or without img_size.
+    record = check_timm_model("efficientformer_l1")
+    assert "error" not in record, record.get("error")
+    assert record["size"] == 224 and record["build_kwargs"] == {}
+    assert record["fed_converted"] == record["fed"] > 0 and exact(record)
+    assert record["saved_tune"] == record["saved_deploy"]
+
+
 def test_a_model_without_batchnorm_has_a_short_record():
     record = check_timm_model("test_vit")
     assert record["bn"] == 0 and "error" not in record and "exact_err" not in record

@@ -307,7 +307,10 @@ def _build_and_run(name: str, size: int, record: dict) -> tuple[nn.Module, nn.Mo
     census); and that input."""
     x64 = _inputs(torch.float64, size)
     attempts: list[tuple[dict, BaseException]] = []
-    for kwargs in ({}, {"img_size": size}):
+    plan: list[tuple[dict, int]] = [({}, size), ({"img_size": size}, size)]
+    for kwargs, side in plan:
+        if x64[0].shape[-1] != side:
+            x64 = _inputs(torch.float64, side)
         record["stage"] = "build"
         try:
             model = _create(name, **kwargs)
@@ -321,7 +324,12 @@ def _build_and_run(name: str, size: int, record: dict) -> tuple[nn.Module, nn.Mo
         record["bn"] = sum(is_bn_like(m) for m in model.modules())
         if not record["bn"]:
             return model, model, x64
-        record["stage"] = f"run at {size}x{size}"
+        default = _default_side(model)
+        if default is not None and default > size and len(plan) == 2:
+            # A model that runs only at its own image size (windowed attention, a large
+            # final pooling) is checked there when the smaller size fails.
+            plan.append(({}, default))
+        record["stage"] = f"run at {side}x{side}"
         model = randomize_norms(model).eval()
         m64 = copy.deepcopy(model).double()
         try:
@@ -335,12 +343,21 @@ def _build_and_run(name: str, size: int, record: dict) -> tuple[nn.Module, nn.Mo
         record["fed"] = len(fed)
         record["fed_names"] = fed
         record["bn_called"] = len(called)
+        if side != size:
+            record["size"] = side
         return model, m64, x64
     # Every attempt failed: report the first (the model as it is), in its stage.
     kwargs, error = attempts[0]
     record["stage"] = "build" if "bn" not in record else f"run at {size}x{size}"
     record["build_kwargs"] = kwargs
     raise error
+
+
+def _default_side(model: nn.Module) -> int | None:
+    """The image side timm's configuration of ``model`` gives, if any."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    shape = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return int(shape[-1]) if shape else None
 
 
 def _outputs_and_grads(model: nn.Module, inputs: tuple) -> tuple[list[Tensor], list[Tensor]]:
