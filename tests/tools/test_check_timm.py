@@ -127,8 +127,11 @@ def test_calibrated_statistics_are_those_of_each_norms_input():
 def test_exact_below_1e9_or_with_calibrated_statistics():
     record = {"exact_err": 11.8, "err_floor": 0.26}
     assert not exact(record)
-    # A chaotic network's floor alone proves nothing: the statistics are calibrated.
+    # Within 10x Eval's own floor counts where the floor is small; a chaotic network's
+    # floor proves nothing: its statistics are calibrated.
+    assert exact({"exact_err": 2.6e-9, "err_floor": 9.4e-10})
     assert not exact({"exact_err": 1e-6, "err_floor": 1e-6})
+    assert not exact(record | {"calibrated_err": 1.0, "calibrated_floor": 1.9})
     assert exact(record | {"calibrated_err": 2e-10, "calibrated_floor": 1e-10})
     assert not exact(record | {"calibrated_err": 1e-3, "calibrated_floor": 1e-12})
     assert exact({"exact_err": 3e-15, "err_floor": 2e-15})

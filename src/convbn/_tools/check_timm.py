@@ -77,19 +77,25 @@ CLASSES = 10
 EXACT = 1e-9  # a model is exact in float64 when Tune's error against Eval is below this,
 # or below FLOOR_TIMES the error Eval itself makes when its input moves by one rounding step
 FLOOR_TIMES = 10
+FLOOR_LIMIT = 1e-6
+
+
+def _within(err: float, floor: float) -> bool:
+    return err < EXACT or (floor < FLOOR_LIMIT and err < FLOOR_TIMES * floor)
 
 
 def exact(record: dict) -> bool:
-    """Tune equals Eval in float64: below :data:`EXACT` with the random statistics; where
-    a deep network with random statistics amplifies rounding beyond that, the same test
-    with statistics measured on the input (``calibrated_err``), allowing
-    :data:`FLOOR_TIMES` what Eval itself moves when its input moves by one rounding step."""
-    if float(record["exact_err"]) < EXACT:
+    """Tune equals Eval in float64: its error below :data:`EXACT`, or below
+    :data:`FLOOR_TIMES` what Eval itself moves when its input moves by one rounding step
+    (when that is below :data:`FLOOR_LIMIT`; above, the network amplifies rounding so much
+    that the comparison says nothing); with the random statistics, or, where those make
+    the network chaotic, with statistics measured on the input (``calibrated_err``)."""
+    inf = float("inf")
+    if _within(float(record["exact_err"]), float(record.get("err_floor", inf))):
         return True
-    if "calibrated_err" not in record:
-        return False
-    floor = float(record.get("calibrated_floor", 0.0))
-    return float(record["calibrated_err"]) < max(EXACT, FLOOR_TIMES * floor)
+    return "calibrated_err" in record and _within(
+        float(record["calibrated_err"]), float(record.get("calibrated_floor", inf))
+    )
 
 
 def calibrate_norms(model: nn.Module, inputs: tuple) -> nn.Module:
@@ -639,13 +645,23 @@ def summary(records: list[dict], listed: list[str] | None = None, size: int = SI
         f"BNs converted in all: {converted} ({not_fed} not fed directly by the census)."
     )
     exact_count = sum(exact(r) for r in done)
-    calibrated = sum(exact(r) and "calibrated_err" in r for r in done)
+    inf = float("inf")
+    by_floor = sum(
+        exact(r)
+        and float(r["exact_err"]) >= EXACT
+        and _within(float(r["exact_err"]), float(r.get("err_floor", inf)))
+        for r in done
+    )
+    calibrated = sum(
+        exact(r) and not _within(float(r["exact_err"]), float(r.get("err_floor", inf)))
+        for r in done
+    )
     lines.append(
         f"Exact in float64: {exact_count} of {len(done)} models (error against Eval, with "
-        f"BatchNorm written out as its formula, below {EXACT:g}; for {calibrated} deep models "
-        f"that random statistics make chaotic, with statistics measured on the input, below "
-        f"{EXACT:g} or {FLOOR_TIMES}x what Eval itself moves when its input moves by one "
-        f"rounding step)."
+        f"BatchNorm written out as its formula, below {EXACT:g}, or below {FLOOR_TIMES}x what "
+        f"Eval itself moves when its input moves by one rounding step, where that is below "
+        f"{FLOOR_LIMIT:g}: {by_floor} models; with BatchNorm statistics measured on the input, "
+        f"for deep models that random statistics make chaotic: {calibrated} models)."
     )
     kept = [r for r in done if "saved_deploy" in r]
     lines.append(
