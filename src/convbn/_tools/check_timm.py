@@ -86,10 +86,10 @@ def _within(err: float, floor: float) -> bool:
 
 def exact(record: dict) -> bool:
     """Tune equals Eval in float64: its error below :data:`EXACT`, or below
-    :data:`FLOOR_TIMES` what Eval itself moves when its input moves by one rounding step
-    (when that is below :data:`FLOOR_LIMIT`; above, the network amplifies rounding so much
-    that the comparison says nothing); with the random statistics, or, where those make
-    the network chaotic, with statistics measured on the input (``calibrated_err``)."""
+    :data:`FLOOR_TIMES` Eval's own floor (see :func:`_tune_against_eval`) when that floor
+    is below :data:`FLOOR_LIMIT` (above, the network amplifies rounding so much that the
+    comparison says nothing); with the random statistics, or, where those make the network
+    chaotic, with statistics measured on the input (``calibrated_err``)."""
     inf = float("inf")
     if _within(float(record["exact_err"]), float(record.get("err_floor", inf))):
         return True
@@ -391,15 +391,23 @@ def _tune(model: nn.Module, inputs: tuple, record: dict) -> tuple[nn.Module, tup
 
 def _tune_against_eval(m64: nn.Module, x64: tuple) -> tuple[float, float, float]:
     """Errors of the converted float64 model's outputs and gradients against Eval's (BN
-    written out as its formula; the model is restored), and the floor: how far Eval
-    itself moves when its input moves by one rounding step (a deep model with random
+    written out as its formula; the model is restored), and Eval's own floor: how far it
+    moves when its input moves by one rounding step, or when its BatchNorms are torch's
+    kernels instead of the formula, whichever is more (a deep model with random
     statistics can amplify rounding far above 1e-9)."""
     out_t, grad_t = _outputs_and_grads(m64, x64)
-    formula_norms(convbn.restore(m64))
+    convbn.restore(m64)
+    out_k, grad_k = _outputs_and_grads(m64, x64)
+    formula_norms(m64)
     out_e, grad_e = _outputs_and_grads(m64, x64)
     nudged = tuple(t * (1 + 2**-52) for t in x64)
     out_n, grad_n = _outputs_and_grads(m64, nudged)
-    floor = max(rel_err(out_n, out_e), rel_err(grad_n, grad_e))
+    floor = max(
+        rel_err(out_n, out_e),
+        rel_err(grad_n, grad_e),
+        rel_err(out_k, out_e),
+        rel_err(grad_k, grad_e),
+    )
     return rel_err(out_t, out_e), rel_err(grad_t, grad_e), floor
 
 
@@ -659,8 +667,9 @@ def summary(records: list[dict], listed: list[str] | None = None, size: int = SI
     lines.append(
         f"Exact in float64: {exact_count} of {len(done)} models (error against Eval, with "
         f"BatchNorm written out as its formula, below {EXACT:g}, or below {FLOOR_TIMES}x what "
-        f"Eval itself moves when its input moves by one rounding step, where that is below "
-        f"{FLOOR_LIMIT:g}: {by_floor} models; with BatchNorm statistics measured on the input, "
+        f"Eval itself moves for one rounding step of its input or with torch's BatchNorm "
+        f"kernel for the formula, where that is below {FLOOR_LIMIT:g}: {by_floor} models; "
+        f"with BatchNorm statistics measured on the input, "
         f"for deep models that random statistics make chaotic: {calibrated} models)."
     )
     kept = [r for r in done if "saved_deploy" in r]
