@@ -226,9 +226,13 @@ def call_forked(
     if timed_out:
         raise WorkerFailed(f"worker did not answer within {timeout:.0f} s")
     if not chunks:
-        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        code = os.waitstatus_to_exitcode(status)
         raise WorkerFailed(f"worker crashed (exit status {code})")
-    answer = json.loads(b"".join(chunks))
+    try:
+        answer = json.loads(b"".join(chunks))
+    except ValueError:  # the child died while writing its answer
+        code = os.waitstatus_to_exitcode(status)
+        raise WorkerFailed(f"worker crashed (exit status {code})") from None
     if "error" in answer:
         raise WorkerFailed(answer["error"])
     return answer["value"], usage.ru_maxrss * 1024
