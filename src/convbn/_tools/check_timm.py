@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_leaves
 
 import convbn
 from convbn._tools.bench_models import randomize_norms
-from convbn._tools.measure import count_saved, rel_err
+from convbn._tools.measure import rel_err, saved_bytes
 from convbn._tools.modules import formula_norms
 from convbn._tools.output import (
     Progress,
@@ -75,7 +75,7 @@ SIZE = 64
 BATCH = 2
 CLASSES = 10
 EXACT = 1e-9  # a model is exact in float64 when Tune's error against Eval is below this,
-# or below FLOOR_TIMES the error Eval itself makes when its input moves by one rounding step
+# or below FLOOR_TIMES Eval's own floor where that floor is below FLOOR_LIMIT (see exact)
 FLOOR_TIMES = 10
 FLOOR_LIMIT = 1e-6
 
@@ -84,17 +84,21 @@ def _within(err: float, floor: float) -> bool:
     return err < EXACT or (floor < FLOOR_LIMIT and err < FLOOR_TIMES * floor)
 
 
+def _exact_as_random(record: dict) -> bool:
+    """Exact with the random statistics the model was checked with."""
+    return _within(float(record["exact_err"]), float(record.get("err_floor", float("inf"))))
+
+
 def exact(record: dict) -> bool:
     """Tune equals Eval in float64: its error below :data:`EXACT`, or below
     :data:`FLOOR_TIMES` Eval's own floor (see :func:`_tune_against_eval`) when that floor
     is below :data:`FLOOR_LIMIT` (above, the network amplifies rounding so much that the
     comparison says nothing); with the random statistics, or, where those make the network
     chaotic, with statistics measured on the input (``calibrated_err``)."""
-    inf = float("inf")
-    if _within(float(record["exact_err"]), float(record.get("err_floor", inf))):
+    if _exact_as_random(record):
         return True
     return "calibrated_err" in record and _within(
-        float(record["calibrated_err"]), float(record.get("calibrated_floor", inf))
+        float(record["calibrated_err"]), float(record.get("calibrated_floor", float("inf")))
     )
 
 
@@ -307,7 +311,8 @@ def _memory_limited() -> bool:
 
 def _build_and_run(name: str, size: int, record: dict) -> tuple[nn.Module, nn.Module, tuple]:
     """The model built as it is, or for ``size``-pixel images when it does not run on
-    them as it is, with randomized BN statistics, in eval mode: in float32 and never run
+    them as it is, or as it is at the image size its configuration gives when it runs on
+    neither (``record["size"]``), with randomized BN statistics, in eval mode: in float32 and never run
     (some models keep non-leaf tensors after a forward, which ``copy.deepcopy`` refuses),
     and in float64 after one forward on the float64 input (the :func:`fed_directly`
     census); and that input."""
@@ -411,14 +416,6 @@ def _tune_against_eval(m64: nn.Module, x64: tuple) -> tuple[float, float, float]
     return rel_err(out_t, out_e), rel_err(grad_t, grad_e), floor
 
 
-def _saved(model: nn.Module, inputs: tuple) -> int:
-    counter = count_saved(model)
-    with counter.count():
-        out = model(*inputs)
-    del out
-    return counter.total
-
-
 def reason_kind(reason: str, module_names: list[str]) -> str:
     """A skip reason with the model's module names as ``<m>`` and numbers as ``N``: the
     same kind of reason reads the same in every model."""
@@ -492,11 +489,12 @@ def check_timm_model(name: str, size: int = SIZE, timeout: float | None = None) 
             tuned = convbn.tune(copy.deepcopy(m32), example32)
             record["stage"] = "convbn.fuse"
             deploy = convbn.fuse(convbn.tune(copy.deepcopy(m32), example32), example32)
-            record["stage"] = f"run at {size}x{size} in float32 with gradients"
-            record["saved_eval"] = _saved(m32, x32)
+            side = x64[0].shape[-1]
+            record["stage"] = f"run at {side}x{side} in float32 with gradients"
+            record["saved_eval"] = saved_bytes(m32, lambda: m32(*x32))
             record["stage"] = "kept bytes of Tune and Deploy"
-            record["saved_tune"] = _saved(tuned, x32)
-            record["saved_deploy"] = _saved(deploy, x32)
+            record["saved_tune"] = saved_bytes(tuned, lambda: tuned(*x32))
+            record["saved_deploy"] = saved_bytes(deploy, lambda: deploy(*x32))
             record.pop("stage")
     except Exception as e:  # one model's failure is a result, not the end of the sweep
         record["error"] = describe_error(e)
@@ -653,17 +651,8 @@ def summary(records: list[dict], listed: list[str] | None = None, size: int = SI
         f"BNs converted in all: {converted} ({not_fed} not fed directly by the census)."
     )
     exact_count = sum(exact(r) for r in done)
-    inf = float("inf")
-    by_floor = sum(
-        exact(r)
-        and float(r["exact_err"]) >= EXACT
-        and _within(float(r["exact_err"]), float(r.get("err_floor", inf)))
-        for r in done
-    )
-    calibrated = sum(
-        exact(r) and not _within(float(r["exact_err"]), float(r.get("err_floor", inf)))
-        for r in done
-    )
+    by_floor = sum(_exact_as_random(r) and float(r["exact_err"]) >= EXACT for r in done)
+    calibrated = sum(exact(r) and not _exact_as_random(r) for r in done)
     lines.append(
         f"Exact in float64: {exact_count} of {len(done)} models (error against Eval, with "
         f"BatchNorm written out as its formula, below {EXACT:g}, or below {FLOOR_TIMES}x what "
