@@ -388,6 +388,10 @@ MUTATIONS = {
     "new-weight-parameter": _new_weight,
     "bn-eps": lambda m: setattr(m[1], "eps", 0.5),
     "bn-running-var-in-place": lambda m: m[1].running_var.fill_(3.0),
+    # Writes through .data leave no version behind: nothing derived from the
+    # statistics may be kept between calls.
+    "bn-running-mean-through-data": lambda m: m[1].running_mean.data.add_(0.5),
+    "bn-running-var-through-data": lambda m: m[4].running_var.data.mul_(3.0),
     "bn-replaced-by-identity": lambda m: m.__setitem__(1, nn.Identity()),
     "conv-replaced": lambda m: m.__setitem__(3, nn.Conv2d(4, 4, 1)),
     "bn-train()": lambda m: m[1].train(),
@@ -407,6 +411,46 @@ def test_mutations_after_conversion_follow_the_model(change):
     x = torch.randn(2, 3, 6, 6, dtype=dtype)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     assert rel_err(model(x), reference(x)) < tol
+
+
+def test_statistics_written_through_data_between_steps_as_eval():
+    # A write through .data (older EMA and calibration code) bumps no version counter:
+    # outputs and every gradient must still follow the statistics as they are now.
+    model = _net().double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    convbn.tune(model)
+    for step in range(3):
+        got, want = _out_and_grads(model, x), _out_and_grads(reference, x)
+        for a, b in zip([got[0]] + got[1], [want[0]] + want[1]):
+            assert rel_err(a, b) < 1e-10, step
+        for m in (model, reference):
+            m[1].running_mean.data.add_(0.25 * (step + 1))
+            m[4].running_var.data.mul_(1.5)
+
+
+class _Upsample(nn.Module):
+    """A decoder step whose transposed convolution is told its output size per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, size):
+        return self.bn(self.up(x, output_size=size))
+
+
+def test_transposed_convolution_with_an_output_size_per_call():
+    model = _prep(_Upsample())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 4, 5, 5)
+    convbn.tune(model, example_inputs=(x, [9, 9]))
+    assert convbn.report(model).converted == [("up", "bn")]
+    for size in ([9, 9], [10, 10], [10, 9], [9, 9]):  # kept, then made anew, then again
+        got, want = model(x, size), reference(x, size)
+        assert got.shape[-2:] == tuple(size)
+        assert rel_err(got, want) < 1e-5
 
 
 class _Halved(nn.Module):

@@ -96,6 +96,20 @@ def test_counts_are_whole_numbers_per_pair(four_modes):
     assert [four_modes["modes"][m]["converted"] for m in MODES] == [None, 4, 4, 4]
 
 
+def test_tune_dispatches_seven_operators_per_pair_eight_with_a_bias(four_modes):
+    tune = four_modes["modes"]["tune"]
+    assert tune["ops_by_name"] == {
+        "_native_batch_norm_legit_no_training": 4,
+        "convolution": 1,
+        "convolution_backward": 1,
+        "native_batch_norm_backward": 1,
+    }
+    assert tune["host_reads_per_pair"] == 0
+    biased = measure(_config(["tune"], pairs=3, conv_bias=True))["modes"]["tune"]
+    assert biased["ops_per_pair"] == 8 and biased["host_reads_per_pair"] == 0
+    assert biased["ops_by_name"]["_native_batch_norm_legit_no_training"] == 5
+
+
 def test_counts_per_pair_do_not_depend_on_the_chain_length(four_modes):
     three = measure(_config(["eval", "tune-paper"], pairs=3, conv_bias=True))
     for mode in ("eval", "tune-paper"):

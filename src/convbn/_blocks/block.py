@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from convbn._blocks.classes import base_class
-from convbn._blocks.norms import norm_problem, norm_stats
+from convbn._blocks.norms import norm_problem, norm_stats, uses_running_stats
 from convbn._blocks.producers import (
     CONV_FUNCTIONS,
     ConvCall,
@@ -18,6 +18,7 @@ from convbn._blocks.producers import (
     prepare,
     producer_problem,
 )
+from convbn._math.compat import any_autocast
 from convbn._math.folding import fold_tensors
 from convbn._math.tune_autograd import Constants, tune_apply
 
@@ -106,7 +107,10 @@ def tune_pair(
                 f"{type(producer).__name__}.forward did not convolve with its own weight"
             )
         return out
-    return run_tune(producer, bn, x, output_size, constants)
+    out = run_tune(producer, bn, x, output_size, constants)
+    if out is None:
+        raise ValueError(f"{type(bn).__name__} does not use running statistics")
+    return out
 
 
 def run_tune(
@@ -116,8 +120,10 @@ def run_tune(
     output_size,
     constants: Constants,
     cache: dict | None = None,
-) -> Tensor:
-    """Tune mode's forward of the pair; the BN was seen to use its running statistics.
+) -> Tensor | None:
+    """Tune mode's forward of the pair, or None when the BN has no running statistics
+    to use (a BatchNorm whose ``running_mean`` was set to None); the caller has seen it
+    in eval mode.
 
     ``cache``: the converted producer's own dict (see ``prepare``).
     """
@@ -126,14 +132,17 @@ def run_tune(
     owner = bn._parameters if "weight" in bn._parameters else buffers
     if mean is None or var is None or "weight" not in owner or "bias" not in owner:
         # Statistics moved out of the module's dicts (a parametrization): the attributes.
+        if not uses_running_stats(bn):
+            return None
         stats = norm_stats(bn, checked=True)
         mean, var, gamma, beta = stats.running_mean, stats.running_var, stats.weight, stats.bias
     else:
         gamma, beta = owner["weight"], owner["bias"]
     x, spec = prepare(producer, x, output_size, cache)
-    dtype = compute_dtype(x)
-    if x.dtype is not dtype:
-        x = x.to(dtype)
+    if any_autocast():
+        dtype = compute_dtype(x)
+        if x.dtype is not dtype:
+            x = x.to(dtype)
     params = producer._parameters
     weight = params.get("weight")
     if weight is None:  # a parametrization moves them out of _parameters

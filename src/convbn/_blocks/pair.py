@@ -27,6 +27,7 @@ import warnings
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_globals
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from convbn._blocks.block import run_own_forward, run_tune
 from convbn._blocks.norms import is_frozen, uses_running_stats
@@ -85,6 +86,7 @@ class Link:
         self.fused = True
         self.freeze = False
         self.frozen = is_frozen(bn)  # a FrozenBatchNorm always uses its statistics
+        self.stock = isinstance(bn, _BatchNorm)
 
     def may_fuse(self, producer: nn.Module, x) -> bool:
         bn = self.bn
@@ -93,7 +95,8 @@ class Link:
             and isinstance(x, torch.Tensor)
             and (x.dim() == self.rank or self.rank < 0)
             and self.parent._modules.get(self.bn_key) is bn
-            and (self.frozen or uses_running_stats(bn))
+            # A _BatchNorm in eval mode: run_tune checks that it has running statistics.
+            and (self.frozen or (not bn.training if self.stock else uses_running_stats(bn)))
             and not producer._forward_hooks
             and not bn._forward_hooks
             and not bn._forward_pre_hooks
@@ -209,17 +212,29 @@ def _stray_warning() -> None:
 class ProducerMixin(_TunedMixin):
     _convbn_role = "producer"
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        plan = self.__dict__.get(PLAN)
+        if plan is not None:
+            plan.cache.clear()  # the spec made from the module's settings (see prepare)
+
     def forward(self, input, *args, **kwargs):
         plan = self.__dict__.get(PLAN)
         if plan is not None:
-            link = plan.select()
+            link = plan.single
+            if link is None:
+                link = plan.select()
+            elif not link.state.armed:
+                link = None
             if link is not None and link.may_fuse(self, input):
                 if plan.intercept:
-                    if not is_compiling():
+                    if not is_compiling() and uses_running_stats(link.bn):
                         return _intercepted(self, link, plan, input, args, kwargs)
                 else:
                     output_size = args[0] if args else kwargs.get("output_size")
                     out = run_tune(self, link.bn, input, output_size, plan.constants, plan.cache)
+                    if out is None:  # the BN has no running statistics now
+                        return super().forward(input, *args, **kwargs)
                     pending = link.state.pending
                     if link in pending:
                         _stray_warning()
@@ -252,7 +267,8 @@ class NormMixin(_TunedMixin):
                     if out is not None:
                         if input is out or (link.reshaped and _is_channel_view(input, out)):
                             del pending[link]
-                            return _tail(self, plan.tail, input)
+                            tail = plan.tail
+                            return _tail(self, tail, input) if tail else input
                         waiting = True
             if waiting or _pending_elsewhere(plan, input):
                 # A Tune-mode output went somewhere else, or something else came here.

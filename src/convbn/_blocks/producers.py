@@ -20,7 +20,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from convbn._blocks.classes import base_class
 from convbn._blocks.probe import trace_forward
-from convbn._math.compat import autocast_dtype, autocast_enabled, is_compiling
+from convbn._math.compat import any_autocast, autocast_dtype, autocast_enabled, is_compiling
 from convbn._math.tune_autograd import OpSpec
 
 __all__ = [
@@ -137,8 +137,27 @@ def prepare(
     """The producer's input as its convolution sees it, and the convolution's spec.
 
     ``cache``: a dict owned by the caller (one per producer) that keeps the spec
-    between calls; it is used only while the module's settings stay the same.
+    between calls; the caller empties it whenever the module's attributes are set (a
+    converted producer's class does). A transposed convolution given ``output_size``
+    keeps it only while the output padding that follows stays the same.
     """
+    if is_compiling():
+        cache = None  # what torch.compile traces must not depend on it, nor change it
+    entry = None if cache is None or output_size is not None else cache.get("entry")
+    if entry is not None:
+        spec, pad = entry
+    else:
+        spec, pad = _spec_and_pad(module, x, output_size, cache)
+    if pad == 1:
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    elif pad == 2:
+        x = _same_padding(module, x)[0]
+    return x, spec
+
+
+def _spec_and_pad(module: nn.Module, x: Tensor, output_size, cache: dict | None):
+    """``(spec, pad)``: the OpSpec, and how the input is padded first (0: by the
+    convolution itself, 1: ``F.pad`` with the module's padding mode, 2: "same")."""
     if isinstance(module, nn.Linear):
         key = None
     elif isinstance(module, _ConvTransposeNd):
@@ -153,6 +172,8 @@ def prepare(
                 len(module.kernel_size),
                 module.dilation,
             )
+            if cache is not None and cache.get("sized", (None,))[0] == output_padding:
+                return cache["sized"][1], 0
         key = (module.stride, module.padding, module.dilation, module.groups, output_padding)
     else:
         key = (
@@ -163,25 +184,16 @@ def prepare(
             module.padding_mode,
             module.kernel_size,
         )
-    if is_compiling():
-        cache = None  # what torch.compile traces must not depend on it, nor change it
-    if cache is not None and cache.get("key", _NONE) == key:
-        spec, pad = cache["spec"], cache["pad"]
-    else:
-        spec = _spec(module, key)
-        pad = 0
-        if key is not None and not spec.transposed:
-            pad = 1 if module.padding_mode != "zeros" else 2 if module.padding == "same" else 0
-        if cache is not None:
-            cache["key"], cache["spec"], cache["pad"] = key, spec, pad
-    if pad == 1:
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-    elif pad == 2:
-        x = _same_padding(module, x)[0]
-    return x, spec
-
-
-_NONE = object()
+    spec = _spec(module, key)
+    pad = 0
+    if key is not None and not spec.transposed:
+        pad = 1 if module.padding_mode != "zeros" else 2 if module.padding == "same" else 0
+    if cache is not None:
+        if output_size is None:
+            cache["entry"] = (spec, pad)
+        else:
+            cache["sized"] = (key[4], spec)
+    return spec, pad
 
 
 def _spec(module: nn.Module, key) -> OpSpec:
@@ -288,12 +300,9 @@ CONV_FUNCTIONS = {
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the producer computes in: the autocast dtype when autocast applies."""
-    if not _any_autocast():
+    if not any_autocast():
         return x.dtype
     device_type = x.device.type
     if x.is_floating_point() and autocast_enabled(device_type):
         return autocast_dtype(device_type)
     return x.dtype
-
-
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)

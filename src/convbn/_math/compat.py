@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["autocast_enabled", "autocast_dtype", "is_compiling", "functorch_active", "is_tracing"]
+__all__ = [
+    "any_autocast",
+    "autocast_enabled",
+    "autocast_dtype",
+    "is_compiling",
+    "functorch_active",
+    "is_tracing",
+]
 
 try:
     torch.is_autocast_enabled("cpu")
     _DEVICE_ARG = True
 except TypeError:  # torch < 2.4: one query per device family
     _DEVICE_ARG = False
+
+
+any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+"""Whether autocast is on for any device (always True on torch without the query)."""
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -36,13 +47,9 @@ def _compiling_query():
     return torch._dynamo.is_compiling
 
 
-# Looked up once: Tune asks on every pair, forward and backward.
-_IS_COMPILING = _compiling_query()
-
-
-def is_compiling() -> bool:
-    """Whether torch.compile is tracing the running code."""
-    return _IS_COMPILING()
+is_compiling = _compiling_query()
+"""Whether torch.compile is tracing the running code (the query itself, looked up once:
+Tune asks on every pair, forward and backward)."""
 
 
 # The two queries below run at every pair's call: the builtins themselves, no wrapper.

@@ -5,22 +5,25 @@ Written for the host first (docs/method.md, "Tune mode on the host"): at the bat
 people fine-tune with on a GPU, a step is bound by the host issuing kernels, so each
 pair costs as few operators and as little Python as the guarantees allow. The fold is
 BatchNorm's own eval-mode kernel applied to the weight (zero mean: ``w' = w * a``, per
-output channel) and to the bias (``b' = (b - mu) * a + beta``); BatchNorm's backward
-kernel maps the gradients of ``w', b'`` back to ``w, b, gamma`` in one call each. Per
-pair and training step:
+output channel) and to the bias (``b' = (b - mu) * a + beta``). Backward uses that the
+same kernel computes ``(r - mu) / sqrt(var + eps) * u + v`` per channel for any ``u``
+and ``v``, not only gamma and beta. Per pair and training step, for a producer without
+bias:
 
-    forward:   w' = bn(w)   b' = bn(b or 0)   out = op(x, w', b')
-    backward:  w' = bn(w)   dx, dJ/dw', dJ/db' = op_backward(G)
+    forward:   w' = bn(w; 0, gamma)         b' = bn(0; mu, gamma, beta)
+               out = op(x, w', b')
+    backward:  w' = bn(w; 0, gamma)         dx, dJ/dw', dJ/db' = op_backward(G)
                dJ/dw, dJ/dgamma_w = bn_backward(dJ/dw', w)
-               dJ/db, dJ/dgamma_b = bn_backward(dJ/db', b or 0)
-               dJ/dgamma = dJ/dgamma_w + dJ/dgamma_b        dJ/dbeta = dJ/db'
+               dJ/dgamma = bn(0; mu, dJ/db', dJ/dgamma_w)      dJ/dbeta = dJ/db'
 
-Eight operators (nine for a weight of 2^18 elements or more, whose input gradient gets a
-call of its own so that two weight-sized temporaries, not three, are alive at once), no
-value read on the host. What autograd keeps: the input (only when a
-weight-side gradient is wanted) and the module's own parameters, which is what Deploy's
-convolution keeps; ``w'`` is made again in backward. Backward is made of differentiable
-operators, so double backward is right.
+Seven operators; with a bias, ``b`` replaces the zeros and ``dJ/db = bn(dJ/db'; 0,
+gamma)`` is one more. A weight of 2^18 elements or more gets one more still: its input
+gradient gets a call of its own, so that two weight-sized temporaries, not three, are
+alive at once. No value is read on the host, and nothing made from the running
+statistics is kept between calls (they can change in place, even untracked). What
+autograd keeps: the input (only when a weight-side gradient is wanted) and the module's
+own parameters, which is what Deploy's convolution keeps; ``w'`` is made again in
+backward. Backward is made of differentiable operators, so double backward is right.
 
 Where that path does not apply (running statistics that ask for a gradient,
 ``torch.func`` transforms, ``torch.jit.trace``), the same
@@ -31,6 +34,7 @@ keeps what eager Tune keeps (:mod:`convbn._math.compiled`).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -42,10 +46,25 @@ from convbn._math.folding import cast, fold_dtype, fold_tensors, weight_of_rows,
 __all__ = ["OpSpec", "Constants", "apply_op", "tune_apply"]
 
 _bn = torch._native_batch_norm_legit_no_training
-# Looked up once: an OpOverload's own call costs more than the operator at small sizes.
-# The operators' own functions: an OpOverload's __call__ adds Python to every call.
-_bn_backward = torch.ops.aten.native_batch_norm_backward.default._op
-_conv_backward = torch.ops.aten.convolution_backward.default._op
+
+
+def _boxed(name: str):
+    """An ATen operator that has no ``torch.*`` function, called through the dispatcher's
+    boxed entry: from Python the cheapest way in (an OpOverload's ``__call__`` adds
+    Python, its ``_op`` a search of the arguments for ``__torch_function__`` first).
+    Dispatch modes and ``__torch_dispatch__`` subclasses see it as usual; Python-level
+    ``__torch_function__`` overrides do not. Its OpOverload's own function where torch
+    lacks that entry."""
+    try:
+        handle = torch._C._dispatch_find_schema_or_throw(f"aten::{name}", "")
+        return functools.partial(torch._C._dispatch_call_boxed, handle)
+    except (AttributeError, RuntimeError):
+        return getattr(torch.ops.aten, name).default._op
+
+
+# Looked up once: they run at every pair's backward.
+_bn_backward = _boxed("native_batch_norm_backward")
+_conv_backward = _boxed("convolution_backward")
 # From this many weight elements (1 MiB in float32) the backward makes the input's
 # gradient in a call of its own: one operator more, one weight-sized temporary less.
 _SPLIT_NUMEL = 2**18
@@ -129,7 +148,8 @@ class Constants:
     Made on first use and kept: they are the same at every call, and making them anew
     would be operators on the host's path. The set used last is found again by the
     identity of the running variance it was made for (a module's ``.to()`` gives its
-    buffers new tensors).
+    buffers new tensors). Nothing made from the running statistics is kept: they can
+    change in place without a trace (a write through ``.data`` leaves no version).
     """
 
     __slots__ = ("channels", "_sets", "_last")
@@ -147,11 +167,12 @@ class Constants:
         key = (var.device, dtype)
         zeros = self._sets.get(key)
         if zeros is None:
-            channels = torch.zeros(self.channels, dtype=dtype, device=var.device)
-            ones = torch.ones((1, self.channels), dtype=dtype, device=var.device)
-            zeros = _Zeros(
-                channels, channels.view(1, -1), channels[:0], dtype, [self.channels], ones
-            )
+            with torch.inference_mode(False):  # usable by a later training step
+                channels = torch.zeros(self.channels, dtype=dtype, device=var.device)
+                ones = torch.ones((1, self.channels), dtype=dtype, device=var.device)
+                zeros = _Zeros(
+                    channels, channels.view(1, -1), channels[:0], dtype, [self.channels], ones
+                )
             if is_compiling():
                 return zeros  # a side effect torch.compile would have to replay
             self._sets[key] = zeros
@@ -194,7 +215,7 @@ def _rows(weight: Tensor, spec: OpSpec, dtype) -> Tensor:
     if weight.dtype is not dtype:
         weight = weight.to(dtype)
     if spec.plain_rows:
-        return weight.unsqueeze(0)
+        return weight[None]
     return weight_rows(weight, True, spec.groups)
 
 
@@ -207,18 +228,85 @@ def _of_rows(rows: Tensor, spec: OpSpec) -> Tensor:
 def _forward(x, weight, bias, gamma, beta, info):
     mean, var, eps, spec, zeros = info
     dtype = zeros.dtype
-    w_f = _of_rows(
-        _bn(_rows(weight, spec, dtype), gamma, None, zeros.channels, var, 0.0, eps)[0], spec
-    )
-    if bias is None:
-        b_f = _bn(zeros.row, gamma, beta, mean, var, 0.0, eps)[0][0]
+    if spec.plain_rows and weight.dtype is dtype:
+        w_f = _bn(weight[None], gamma, None, zeros.channels, var, 0.0, eps)[0][0]
     else:
-        b_f = _bn(cast(bias, dtype).view(1, -1), gamma, beta, mean, var, 0.0, eps)[0][0]
+        w_f = _of_rows(
+            _bn(_rows(weight, spec, dtype), gamma, None, zeros.channels, var, 0.0, eps)[0], spec
+        )
+    rows = zeros.row if bias is None else cast(bias, dtype).view(1, -1)
+    b_f = _bn(rows, gamma, beta, mean, var, 0.0, eps)[0][0]
     if x.dtype is not dtype:  # autocast: the producer computes in x's dtype
         w_f, b_f = w_f.to(x.dtype), b_f.to(x.dtype)
     if spec.linear:
         return torch.nn.functional.linear(x, w_f, b_f)
     return torch.convolution(x, w_f, b_f, *spec.args)
+
+
+def _weight_backward(g_rows, rows, gamma, var, eps, zeros: _Zeros, mask):
+    """``(dJ/dw, dJ/dgamma_w, _)``: BatchNorm's eval-mode backward at the weight's rows,
+    zero mean. Empty saved statistics: the kernel then works from the running ones it is
+    given (and a forward's might not be the ones of this call)."""
+    return _bn_backward(
+        g_rows, rows, gamma, zeros.channels, var, zeros.empty, zeros.empty, False, eps, mask
+    )
+
+
+def _bias_grads(gb_f, g_gamma_w, bias, gamma, mean, var, eps, zeros: _Zeros, need_b, need_gamma):
+    """``(dJ/db, dJ/dgamma)`` from ``dJ/db'`` and the weight side's ``dJ/dgamma``, with
+    ``b' = (b - mu) * a + beta`` (``b`` zero for a producer without bias).
+
+    BatchNorm's eval kernel computes ``(r - mu) / sqrt(var + eps) * u + v`` per channel
+    for any ``u, v``: with ``r = b``, ``u = dJ/db'`` and ``v`` the weight side's part it is
+    the whole of ``dJ/dgamma``, in one operator; with ``r = dJ/db'``, zero mean and
+    ``u = gamma`` it is ``dJ/db``. Made from the live statistics at every call: nothing
+    derived from them is kept between steps."""
+    rows = zeros.row if bias is None else bias.view(1, -1)
+    gb = g_gamma = None
+    if need_gamma:
+        g_gamma = _bn(rows, gb_f, g_gamma_w, mean, var, 0.0, eps)[0][0]
+    if need_b:
+        gb = _bn(gb_f.view(1, -1), gamma, None, zeros.channels, var, 0.0, eps)[0][0]
+    return gb, g_gamma
+
+
+def _plain_backward(grad, x, weight, bias, gamma, info, needs):
+    """:meth:`_Tune.backward` for what fine-tuning runs most: a convolution (not
+    transposed) whose weight, bias and gradient are in the folding dtype, with a weight
+    below ``_SPLIT_NUMEL`` elements and its input kept. The same steps as the general
+    path, without its casts, layout changes and splits."""
+    mean, var, eps, spec, zeros = info
+    need_x, need_w, need_b, need_gamma, need_beta, _ = needs
+    rows = weight[None]
+    w_op = _bn(rows, gamma, None, zeros.channels, var, 0.0, eps)[0][0] if need_x else weight
+    weight_side = need_w or need_gamma
+    bias_side = need_b or need_gamma or need_beta
+    gx, gw_f, gb_f = _conv_backward(
+        grad,
+        x,
+        w_op,
+        zeros.sizes if bias_side else None,
+        *spec.args,
+        [need_x, weight_side, bias_side],
+    )
+    del w_op
+    gw = gb = g_gamma = None
+    if weight_side:
+        if gw_f.stride() != weight.stride():  # see the general path
+            gw_f, rows = gw_f.contiguous(), weight.contiguous()[None]
+        gw, g_gamma, _ = _weight_backward(
+            gw_f[None], rows, gamma, var, eps, zeros, [need_w, need_gamma, False]
+        )
+        if need_w:
+            gw = gw[0]
+    if bias is None:
+        if need_gamma:  # see _bias_grads
+            g_gamma = _bn(zeros.row, gb_f, g_gamma, mean, var, 0.0, eps)[0][0]
+    elif need_b or need_gamma:
+        gb, g_gamma = _bias_grads(
+            gb_f, g_gamma, bias, gamma, mean, var, eps, zeros, need_b, need_gamma
+        )
+    return gx, gw, gb, g_gamma, gb_f if need_beta else None, None
 
 
 class _Tune(torch.autograd.Function):
@@ -238,8 +326,19 @@ class _Tune(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, gamma = ctx.saved_tensors
-        mean, var, eps, spec, zeros = ctx.info
+        info = ctx.info
+        mean, var, eps, spec, zeros = info
         dtype = zeros.dtype
+        if (
+            x is not None
+            and spec.plain_rows
+            and not spec.linear
+            and weight.dtype is dtype
+            and grad.dtype is dtype
+            and (bias is None or bias.dtype is dtype)
+            and weight.numel() < _SPLIT_NUMEL
+        ):
+            return _plain_backward(grad, x, weight, bias, gamma, info, ctx.needs_input_grad)
         need_x, need_w, need_b, need_gamma, need_beta, _ = ctx.needs_input_grad
         rows = _rows(weight, spec, dtype)
         if need_x:
@@ -248,9 +347,6 @@ class _Tune(torch.autograd.Function):
                 w_op = w_op.to(grad.dtype)
         else:
             w_op = weight if weight.dtype is grad.dtype else weight.to(grad.dtype)
-        # Empty saved statistics: BatchNorm's eval-mode backward then works from the
-        # running ones it is given (and a forward's might not be the ones of this call).
-        empty = zeros.empty
         weight_side = need_w or need_gamma
         bias_side = need_b or need_gamma or need_beta
         mask = [need_x, weight_side, bias_side]
@@ -286,16 +382,13 @@ class _Tune(torch.autograd.Function):
                 and (spec.plain_rows or spec.groups == 1)
                 and not torch.is_grad_enabled()
             )
-            gw, g_gamma, _ = _bn_backward(
-                gw_f.unsqueeze(0) if spec.plain_rows else weight_rows(gw_f, True, spec.groups),
+            gw, g_gamma, _ = _weight_backward(
+                gw_f[None] if spec.plain_rows else weight_rows(gw_f, True, spec.groups),
                 rows,
                 gamma,
-                zeros.channels,
                 var,
-                empty,
-                empty,
-                False,
                 eps,
+                zeros,
                 [need_w and not in_place, need_gamma, False],
             )
             if in_place:
@@ -313,23 +406,23 @@ class _Tune(torch.autograd.Function):
         if bias_side:
             if gb_f.dtype is not dtype:
                 gb_f = gb_f.to(dtype)
-            if need_b or need_gamma:
-                gb, g_gamma_b, _ = _bn_backward(
-                    gb_f.view(1, -1),
-                    zeros.row if bias is None else cast(bias, dtype).view(1, -1),
+            if need_gamma or (need_b and bias is not None):
+                gb, g_gamma = _bias_grads(
+                    gb_f,
+                    g_gamma,
+                    None if bias is None else cast(bias, dtype),
                     gamma,
                     mean,
                     var,
-                    empty,
-                    empty,
-                    False,
                     eps,
-                    [need_b, need_gamma, False],
+                    zeros,
+                    need_b,
+                    need_gamma,
                 )
                 if need_b:
-                    gb = cast(gb[0], bias.dtype)
+                    gb = cast(gb, bias.dtype)
                 if need_gamma:
-                    g_gamma = cast(g_gamma + g_gamma_b, gamma.dtype)
+                    g_gamma = cast(g_gamma, gamma.dtype)
             if need_beta:
                 g_beta = gb_f
         return gx, gw, gb, g_gamma, g_beta, None
